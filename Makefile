@@ -1,0 +1,40 @@
+# Chorus: `make run` starts the server, `make test` runs the whole suite. Both install what they need.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+APT_STAMP := .apt-installed
+SYSTEM_PACKAGES := chromium
+
+.PHONY: run test install system-deps lint clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# System packages (Debian): a real Chromium for browser tests. Skipped when already present.
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+run: install
+	$(VENV)/bin/chorus serve --host 127.0.0.1 --port 8080
+
+test: install system-deps
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check sfu signaling turn tests
+	$(VENV)/bin/mypy sfu signaling
+
+clean:
+	rm -rf $(VENV) .pytest_cache

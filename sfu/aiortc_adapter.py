@@ -1,0 +1,250 @@
+"""
+The one place where Chorus touches aiortc's private API.
+
+Chorus forwards RTP without decoding or encoding, which aiortc's public API does not offer. Everything
+it needs from aiortc internals is reached through the functions below, and :func:`check` verifies at
+import time that every attribute exists in the installed aiortc, failing with a clear message otherwise.
+aiortc is pinned exactly in ``pyproject.toml`` for that reason.
+
+What is used, and why:
+
+* ``aiortc.rtcrtpreceiver.decoder_worker`` — replaced by a worker that drops encoded frames, so the SFU
+  never decodes (the receiver would otherwise queue decoded frames nobody reads, without bound).
+* ``RTCRtpReceiver._handle_rtp_packet`` / ``RTCRtpSender._handle_rtcp_packet`` — replaced *on the
+  instance* (aiortc's RtpRouter looks them up per instance) to see every packet.
+* ``RTCRtpReceiver.__codecs`` / ``__rtx_ssrc`` / ``_send_rtcp_pli`` — payload types, RTX SSRC mapping and
+  keyframe requests towards a publisher.
+* ``RTCRtpSender.__started`` / ``__rtp_header_extensions_map`` / ``__mid`` and its stats counters — to
+  know when a subscriber's sender is negotiated, to serialize header extensions with the subscriber's IDs,
+  and to keep its sender reports honest.
+* ``RTCDtlsTransport._send_rtp`` — SRTP-protect and send one packet.
+* ``aioice.ice.get_host_addresses`` — to choose which host addresses the server advertises (aioice leaves
+  loopback out, which a local browser needs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import aioice.ice
+import aiortc
+import aiortc.rtcrtpreceiver
+from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import AnyRtcpPacket, HeaderExtensionsMap, RtpPacket
+
+SUPPORTED_AIORTC = "1.16.0"
+
+RtpHandler = Callable[[RtpPacket, int], Awaitable[None]]
+RtcpHandler = Callable[[AnyRtcpPacket], Awaitable[None]]
+
+
+class AdapterError(RuntimeError):
+    """The installed aiortc lacks an internal that Chorus relies on."""
+
+
+_RECEIVER_ATTRS = (
+    "_handle_rtp_packet",
+    "_handle_rtcp_packet",
+    "_send_rtcp_pli",
+    "_RTCRtpReceiver__codecs",
+    "_RTCRtpReceiver__rtx_ssrc",
+)
+_SENDER_ATTRS = (
+    "_handle_rtcp_packet",
+    "_ssrc",
+    "_stream_id",
+    "_track_id",
+    "_RTCRtpSender__started",
+    "_RTCRtpSender__rtp_header_extensions_map",
+    "_RTCRtpSender__mid",
+    "_RTCRtpSender__ntp_timestamp",
+    "_RTCRtpSender__rtp_timestamp",
+    "_RTCRtpSender__octet_count",
+    "_RTCRtpSender__packet_count",
+)
+
+
+async def check() -> None:
+    """
+    Verify that every aiortc/aioice internal used by Chorus exists. Call it once at startup.
+
+    :raises AdapterError: naming each missing attribute and the supported aiortc version.
+    """
+    problems: list[str] = []
+    if aiortc.__version__ != SUPPORTED_AIORTC:
+        problems.append(f"aiortc {aiortc.__version__} installed, Chorus is built for {SUPPORTED_AIORTC}")
+    for module, name in (
+        (aiortc.rtcrtpreceiver, "decoder_worker"),
+        (aioice.ice, "get_host_addresses"),
+        (aiortc.rtp, "unwrap_rtx"),
+    ):
+        if not hasattr(module, name):
+            problems.append(f"{module.__name__}.{name} is missing")
+    if not hasattr(RTCDtlsTransport, "_send_rtp"):
+        problems.append("RTCDtlsTransport._send_rtp is missing")
+
+    # Instance attributes only exist on live objects: build a throwaway receiver and sender.
+    pc = aiortc.RTCPeerConnection()
+    try:
+        transceiver = pc.addTransceiver("video", direction="sendrecv")
+        for attr in _RECEIVER_ATTRS:
+            if not hasattr(transceiver.receiver, attr):
+                problems.append(f"RTCRtpReceiver.{attr} is missing")
+        for attr in _SENDER_ATTRS:
+            if not hasattr(transceiver.sender, attr):
+                problems.append(f"RTCRtpSender.{attr} is missing")
+        for attr in ("_codecs",):
+            if not hasattr(transceiver, attr):
+                problems.append(f"RTCRtpTransceiver.{attr} is missing")
+    finally:
+        await pc.close()
+    if problems:
+        raise AdapterError(
+            "Chorus cannot use the installed aiortc: "
+            + "; ".join(problems)
+            + f". Install aiortc=={SUPPORTED_AIORTC}."
+        )
+
+
+# --- decoding off -----------------------------------------------------------------------------------
+
+
+def _discarding_decoder_worker(
+    loop: asyncio.AbstractEventLoop, input_q: queue.Queue[Any], output_q: asyncio.Queue[Any], *args: Any
+) -> None:
+    """Stand-in for aiortc's decoder thread: drops encoded frames, ends the track when told to."""
+    while input_q.get() is not None:
+        pass
+    asyncio.run_coroutine_threadsafe(output_q.put(None), loop)
+
+
+def disable_decoding(receiver: RTCRtpReceiver) -> None:
+    """
+    Make ``receiver`` drop encoded frames instead of decoding them. Call before it starts (in the
+    peer connection's ``track`` event, which aiortc emits before it starts receivers).
+
+    aiortc's ``receive()`` starts its decoder thread without awaiting anything, so swapping the module's
+    worker around that one call affects this receiver only, not other receivers in the process.
+    """
+    original_receive = receiver.receive
+
+    async def receive(parameters: Any) -> None:
+        saved = aiortc.rtcrtpreceiver.decoder_worker
+        aiortc.rtcrtpreceiver.decoder_worker = _discarding_decoder_worker  # type: ignore[assignment]
+        try:
+            await original_receive(parameters)
+        finally:
+            aiortc.rtcrtpreceiver.decoder_worker = saved
+
+    receiver.receive = receive  # type: ignore[method-assign]
+
+
+# --- host candidates --------------------------------------------------------------------------------
+
+_original_get_host_addresses = aioice.ice.get_host_addresses
+
+
+def set_host_addresses(addresses: Iterable[str] | None) -> None:
+    """
+    Choose the host addresses that ICE gathers candidates on, process-wide.
+
+    :param addresses: IP addresses (loopback allowed), or ``None`` for aioice's default (every non-loopback
+        interface address).
+    """
+    if addresses is None:
+        aioice.ice.get_host_addresses = _original_get_host_addresses
+        return
+    chosen = list(addresses)
+
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = get_host_addresses
+
+
+# --- receiver (publisher side) ----------------------------------------------------------------------
+
+
+def hook_receiver_rtp(receiver: RTCRtpReceiver, handler: RtpHandler) -> RtpHandler:
+    """
+    Route every RTP packet the receiver gets through ``handler`` first.
+
+    :returns: the receiver's original handler, which ``handler`` should await afterwards so aiortc keeps
+        its receive statistics, receiver reports and NACK generation.
+    """
+    original: RtpHandler = receiver._handle_rtp_packet
+    receiver._handle_rtp_packet = handler  # type: ignore[method-assign]
+    return original
+
+
+def receiver_codecs(receiver: RTCRtpReceiver) -> dict[int, RTCRtpCodecParameters]:
+    """Payload type → negotiated codec of a started receiver."""
+    codecs: dict[int, RTCRtpCodecParameters] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+    return codecs
+
+
+def receiver_rtx_ssrcs(receiver: RTCRtpReceiver) -> dict[int, int]:
+    """RTX SSRC → media SSRC, as signalled in the remote SDP."""
+    rtx: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
+    return rtx
+
+
+async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
+    """Ask the publisher behind ``receiver`` for a keyframe (RTCP PLI)."""
+    await receiver._send_rtcp_pli(media_ssrc)
+
+
+# --- sender (subscriber side) -----------------------------------------------------------------------
+
+
+def hook_sender_rtcp(sender: RTCRtpSender, handler: RtcpHandler) -> RtcpHandler:
+    """Route RTCP addressed to ``sender`` through ``handler``; returns the original handler."""
+    original: RtcpHandler = sender._handle_rtcp_packet
+    sender._handle_rtcp_packet = handler  # type: ignore[method-assign]
+    return original
+
+
+def sender_started(sender: RTCRtpSender) -> bool:
+    """True once negotiation completed and aiortc started the sender on a connected transport."""
+    return bool(sender._RTCRtpSender__started)  # type: ignore[attr-defined]
+
+
+def sender_header_extensions(sender: RTCRtpSender) -> HeaderExtensionsMap:
+    """The header extension IDs negotiated for the sender's m-section."""
+    ext_map: HeaderExtensionsMap = sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
+    return ext_map
+
+
+def sender_mid(sender: RTCRtpSender) -> str | None:
+    mid: str | None = sender._RTCRtpSender__mid  # type: ignore[attr-defined]
+    return mid
+
+
+def sender_count_sent(sender: RTCRtpSender, payload_bytes: int, rtp_timestamp: int, ntp_time: int) -> None:
+    """Account one sent packet so the sender's RTCP sender reports stay true."""
+    sender._RTCRtpSender__packet_count += 1  # type: ignore[attr-defined]
+    sender._RTCRtpSender__octet_count += payload_bytes  # type: ignore[attr-defined]
+    sender._RTCRtpSender__rtp_timestamp = rtp_timestamp  # type: ignore[attr-defined]
+    sender._RTCRtpSender__ntp_timestamp = ntp_time  # type: ignore[attr-defined]
+
+
+def set_sender_stream(sender: RTCRtpSender, stream_id: str, track_id: str) -> None:
+    """Set the ``a=msid:<stream> <track>`` a sender is offered with."""
+    sender._stream_id = stream_id
+    sender._track_id = track_id
+
+
+def transceiver_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParameters]:
+    """The codecs negotiated for a transceiver, preferred first (the first one is what is sent)."""
+    codecs: list[RTCRtpCodecParameters] = transceiver._codecs
+    return codecs
+
+
+async def send_rtp(sender: RTCRtpSender, data: bytes) -> None:
+    """SRTP-protect and send one serialized RTP packet on the sender's transport."""
+    await sender.transport._send_rtp(data)

@@ -1,0 +1,237 @@
+"""A Consumer forwards one Producer's RTP to one subscriber, rewritten for that subscriber's connection."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiortc import MediaStreamTrack, RTCRtpTransceiver, clock
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    AnyRtcpPacket,
+    RtcpPsfbPacket,
+    RtcpRtpfbPacket,
+    RtpPacket,
+    unpack_remb_fci,
+)
+from aiortc.utils import uint16_gt
+
+from . import aiortc_adapter as adapter
+from .logs import PeerLogger
+
+if TYPE_CHECKING:
+    from .producer import Producer
+
+#: Packets kept per consumer to answer NACKs (aiortc's own sender keeps 128).
+NACK_CACHE_SIZE = 1024
+
+
+class ConsumerStats:
+    __slots__ = ("packets", "bytes", "nacks", "retransmitted", "plis", "firs", "remb_bps")
+
+    def __init__(self) -> None:
+        self.packets = 0
+        self.bytes = 0
+        self.nacks = 0
+        self.retransmitted = 0
+        self.plis = 0
+        self.firs = 0
+        self.remb_bps: int | None = None
+
+
+class IdleTrack(MediaStreamTrack):
+    """
+    The track given to a consumer's RTCRtpSender. Its ``recv`` never returns, so aiortc's encoding loop
+    waits forever (no encoder is ever created) while Chorus writes packets to the transport itself.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    async def recv(self) -> Any:
+        await asyncio.Event().wait()  # cancelled when the sender stops
+
+
+class Consumer:
+    """
+    One producer's track forwarded to one subscriber.
+
+    Lifecycle: *new* (its sendonly transceiver is added to the subscriber's connection, awaiting
+    negotiation) → *bound* (aiortc started the sender on a connected transport: the negotiated payload
+    type, MID and header extension IDs are now known; a keyframe is requested) → *forwarding* (from the
+    first keyframe start; until then video packets are held back, since a decoder cannot start mid-picture)
+    → *closed*. :meth:`restart` returns to waiting for a keyframe (after the producer resumes).
+
+    Per packet it rewrites SSRC, payload type, sequence number and timestamp (offsets fixed when
+    forwarding (re)starts, so the subscriber sees one continuous stream) and the header extensions, keeps
+    the last :data:`NACK_CACHE_SIZE` packets to answer NACKs, and keeps sender statistics for SRs.
+    Subscriber PLI/FIR go to the producer, which merges them; REMB is recorded.
+    """
+
+    def __init__(
+        self,
+        consumer_id: str,
+        producer: Producer,
+        subscriber_id: str,
+        transceiver: RTCRtpTransceiver,
+        *,
+        on_close: Callable[[Consumer], None] | None = None,
+        log: PeerLogger,
+    ) -> None:
+        self.id = consumer_id
+        self.producer = producer
+        self.subscriber_id = subscriber_id
+        self.kind = producer.kind
+        self.transceiver = transceiver
+        self.closed = False
+        self.stats = ConsumerStats()
+
+        self._sender = transceiver.sender
+        self._on_close = on_close
+        self._log = log
+        self._bound = False
+        self._waiting_keyframe = True
+        self._payload_type = 0
+        self._mid: str | None = None
+        self._ext_map: Any = None
+        self._clock_rate = producer.codec.clockRate
+        # Output numbering; offsets are set each time forwarding (re)starts.
+        self._next_seq = random.randint(0, 0x7FFF)
+        self._last_ts = random.getrandbits(32)
+        self._last_send_time = 0.0
+        self._seq_offset = 0
+        self._ts_offset = 0
+        self._started_once = False
+        self._cache: list[tuple[int, bytes] | None] = [None] * NACK_CACHE_SIZE
+        self._original_rtcp = adapter.hook_sender_rtcp(self._sender, self._handle_rtcp)
+
+    def __repr__(self) -> str:
+        return f"Consumer(id={self.id}, producer={self.producer.id}, subscriber={self.subscriber_id})"
+
+    @property
+    def mid(self) -> str | None:
+        return self.transceiver.mid
+
+    @property
+    def forwarding(self) -> bool:
+        return self._bound and not self._waiting_keyframe
+
+    def restart(self) -> None:
+        """Hold packets until the next keyframe start, then continue the output stream seamlessly."""
+        self._waiting_keyframe = True
+
+    # --- media -----------------------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        codecs = adapter.transceiver_codecs(self.transceiver)
+        self._payload_type = codecs[0].payloadType
+        self._mid = adapter.sender_mid(self._sender)
+        self._ext_map = adapter.sender_header_extensions(self._sender)
+        self._bound = True
+        self._log.debug("consumer bound", consumer=self.id, producer=self.producer.id, mid=self._mid)
+        self.producer.request_keyframe()
+
+    async def send(self, packet: RtpPacket, keyframe: bool, abs_send_time: int) -> bool:
+        """
+        Forward one producer packet. ``keyframe``: the packet starts a decodable picture (always true for
+        audio). Returns whether the packet was sent.
+        """
+        if self.closed:
+            return False
+        if not self._bound:
+            if not adapter.sender_started(self._sender):
+                return False
+            self._bind()
+        if self._waiting_keyframe:
+            if not keyframe:
+                return False
+            self._start_at(packet)
+
+        seq = (packet.sequence_number + self._seq_offset) & 0xFFFF
+        timestamp = (packet.timestamp + self._ts_offset) & 0xFFFFFFFF
+        out = RtpPacket(
+            payload_type=self._payload_type,
+            marker=packet.marker,
+            sequence_number=seq,
+            timestamp=timestamp,
+            ssrc=self._sender._ssrc,
+            payload=packet.payload,
+        )
+        out.padding_size = packet.padding_size
+        out.extensions.mid = self._mid
+        out.extensions.abs_send_time = abs_send_time
+        out.extensions.audio_level = packet.extensions.audio_level
+        data = out.serialize(self._ext_map)
+        self._cache[seq % NACK_CACHE_SIZE] = (seq, data)
+        if uint16_gt(seq, (self._next_seq - 1) & 0xFFFF):
+            self._next_seq = (seq + 1) & 0xFFFF
+            self._last_ts = timestamp
+            self._last_send_time = clock.current_ms() / 1000
+
+        try:
+            await adapter.send_rtp(self._sender, data)
+        except ConnectionError:
+            return False
+        adapter.sender_count_sent(self._sender, len(packet.payload), timestamp, clock.current_ntp_time())
+        self.stats.packets += 1
+        self.stats.bytes += len(packet.payload)
+        return True
+
+    def _start_at(self, packet: RtpPacket) -> None:
+        """Fix offsets so ``packet`` follows the last packet sent, in sequence and in time."""
+        self._seq_offset = (self._next_seq - packet.sequence_number) & 0xFFFF
+        if self._started_once:
+            elapsed = max(clock.current_ms() / 1000 - self._last_send_time, 0.001)
+            target_ts = (self._last_ts + int(elapsed * self._clock_rate)) & 0xFFFFFFFF
+        else:
+            target_ts = self._last_ts
+        self._ts_offset = (target_ts - packet.timestamp) & 0xFFFFFFFF
+        self._started_once = True
+        self._waiting_keyframe = False
+
+    # --- RTCP from the subscriber ----------------------------------------------------------------------
+
+    async def _handle_rtcp(self, packet: AnyRtcpPacket) -> None:
+        if self.closed:
+            return
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+            if packet.fmt == RTCP_PSFB_PLI:
+                self.stats.plis += 1
+            else:
+                self.stats.firs += 1
+            self.producer.request_keyframe()
+        elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            self.stats.nacks += 1
+            for seq in packet.lost:
+                entry = self._cache[seq % NACK_CACHE_SIZE]
+                if entry is not None and entry[0] == seq:
+                    try:
+                        await adapter.send_rtp(self._sender, entry[1])
+                    except ConnectionError:
+                        return
+                    self.stats.retransmitted += 1
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                self.stats.remb_bps = unpack_remb_fci(packet.fci)[0]
+            except ValueError:
+                pass
+        else:
+            # Receiver reports: aiortc keeps round-trip time and remote-inbound stats.
+            await self._original_rtcp(packet)
+
+    def close(self) -> None:
+        """Stop forwarding and detach from the producer; ``on_close`` lets the subscribing Peer renegotiate.
+        Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.producer.remove_consumer(self)
+        self._cache = []
+        if self._on_close is not None:
+            self._on_close(self)

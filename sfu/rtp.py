@@ -1,0 +1,95 @@
+"""
+RTP helpers for forwarding: which codecs Chorus forwards and where a decodable picture starts.
+
+Everything here works on RTP payload bytes; nothing decodes media.
+"""
+
+from __future__ import annotations
+
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
+
+#: Codecs forwarded without transcoding, by lower-case MIME type.
+FORWARDABLE = frozenset({"audio/opus", "video/vp8", "video/h264"})
+
+
+def is_forwardable(codec: RTCRtpCodecParameters) -> bool:
+    return codec.mimeType.lower() in FORWARDABLE
+
+
+def same_codec(capability: RTCRtpCodecCapability, codec: RTCRtpCodecParameters) -> bool:
+    """
+    Whether ``capability`` (something we can offer) is the very format ``codec`` (what a publisher sends):
+    same MIME type and clock rate, and for H.264 the same packetization mode and profile.
+    """
+    if capability.mimeType.lower() != codec.mimeType.lower() or capability.clockRate != codec.clockRate:
+        return False
+    if codec.mimeType.lower() == "video/h264":
+        for key in ("packetization-mode",):
+            if str(capability.parameters.get(key, "0")) != str(codec.parameters.get(key, "0")):
+                return False
+        a = str(capability.parameters.get("profile-level-id", ""))[:2].lower()
+        b = str(codec.parameters.get("profile-level-id", ""))[:2].lower()
+        return a == b
+    return True
+
+
+def vp8_is_keyframe_start(payload: bytes) -> bool:
+    """
+    True if this VP8 RTP payload (RFC 7741) starts a key frame: S=1, PID=0 and the VP8 header's P bit 0.
+    """
+    n = len(payload)
+    if n < 2:
+        return False
+    b0 = payload[0]
+    if not b0 & 0x10 or b0 & 0x07:  # S bit, partition index
+        return False
+    i = 1
+    if b0 & 0x80:  # X: extension byte follows
+        x = payload[1]
+        i = 2
+        if x & 0x80:  # I: picture id, 7 or 15 bits
+            if i >= n:
+                return False
+            i += 2 if payload[i] & 0x80 else 1
+        if x & 0x40:  # L: TL0PICIDX
+            i += 1
+        if x & 0x30:  # T or K: TID/KEYIDX byte
+            i += 1
+    if i >= n:
+        return False
+    return not payload[i] & 0x01  # P bit: 0 means key frame
+
+
+_H264_IDR = 5
+_H264_SPS = 7
+_H264_STAP_A = 24
+_H264_FU_A = 28
+
+
+def h264_is_keyframe_start(payload: bytes) -> bool:
+    """
+    True if this H.264 RTP payload (RFC 6184) starts a decodable picture: an SPS or IDR NAL unit, alone,
+    inside a STAP-A, or as the first fragment of an FU-A.
+    """
+    if not payload:
+        return False
+    nal_type = payload[0] & 0x1F
+    if nal_type in (_H264_IDR, _H264_SPS):
+        return True
+    if nal_type == _H264_STAP_A:
+        i = 1
+        while i + 2 < len(payload):
+            size = (payload[i] << 8) | payload[i + 1]
+            if payload[i + 2] & 0x1F in (_H264_IDR, _H264_SPS):
+                return True
+            i += 2 + size
+        return False
+    if nal_type == _H264_FU_A and len(payload) > 1:
+        fu_header = payload[1]
+        return bool(fu_header & 0x80) and (fu_header & 0x1F) in (_H264_IDR, _H264_SPS)
+    return False
+
+
+def keyframe_detector(mime_type: str):  # type: ignore[no-untyped-def]
+    """The keyframe-start test for a video MIME type, or ``None`` when every packet is decodable (audio)."""
+    return {"video/vp8": vp8_is_keyframe_start, "video/h264": h264_is_keyframe_start}.get(mime_type.lower())

@@ -1,0 +1,249 @@
+"""
+A Python client for Chorus, built on aiortc: join a room, publish tracks, receive everyone else's.
+
+Example::
+
+    client = ChorusClient("ws://127.0.0.1:8080/ws")
+    await client.connect()
+    await client.join("r1", "bot")
+    await client.publish(audio_track, video_track)
+
+    @client.on_track
+    def on_track(track, info):  # info: {"peer_id", "track_id", "kind", "mid"}
+        ...
+
+    await client.close()
+
+Requests return the response ``data`` or raise :class:`RequestError` with the server's error ``code``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+
+logger = logging.getLogger("chorus.client")
+
+TrackCallback = Callable[[MediaStreamTrack, dict[str, Any]], Any]
+
+
+class RequestError(Exception):
+    """The server answered a request with an error."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def ice_servers_from(entries: list[dict[str, Any]]) -> list[RTCIceServer]:
+    """Convert ``ice_servers`` from a join response into aiortc's type."""
+    return [
+        RTCIceServer(urls=e["urls"], username=e.get("username"), credential=e.get("credential")) for e in entries
+    ]
+
+
+class ChorusClient:
+    """
+    One participant, seen from aiortc.
+
+    :param url: the server's websocket URL, ``ws://host:port/ws``.
+    :param ice_transport_policy: ``"all"`` or ``"relay"`` (only TURN-relayed candidates).
+    """
+
+    def __init__(self, url: str, *, ice_transport_policy: str = "all") -> None:
+        self.url = url
+        self.peer_id: str | None = None
+        self.room: str | None = None
+        self.joined: dict[str, Any] = {}
+        self.tracks: dict[str, dict[str, Any]] = {}  # our published tracks by id
+        self.publish_pc: RTCPeerConnection | None = None
+        self.subscribe_pc: RTCPeerConnection | None = None
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._policy = ice_transport_policy
+        self._ice_servers: list[dict[str, Any]] = []
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._offers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._offer_task: asyncio.Task[None] | None = None
+        self._consumers: dict[str, dict[str, Any]] = {}  # mid -> consumer info
+        self._track_callbacks: list[TrackCallback] = []
+        self._event_waiters: list[tuple[str, Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]] = []
+
+    # --- connection ------------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self._ws = await self._session.ws_connect(self.url, heartbeat=15.0)
+        self._reader = asyncio.create_task(self._read(), name="chorus client reader")
+
+    async def close(self) -> None:
+        """Close both peer connections and the websocket (no ``leave``: the server notices the close)."""
+        for task in (self._offer_task, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for pc in (self.publish_pc, self.subscribe_pc):
+            if pc is not None:
+                await pc.close()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, method: str, data: dict[str, Any] | None = None, *, timeout: float = 15.0) -> dict[str, Any]:
+        assert self._ws is not None, "connect() first"
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await self._ws.send_str(json.dumps({"type": "req", "id": request_id, "method": method, "data": data or {}}))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        async for message in self._ws:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                continue
+            msg = json.loads(message.data)
+            if msg.get("type") == "res":
+                future = self._pending.get(msg.get("id"))
+                if future is not None and not future.done():
+                    if msg.get("ok"):
+                        future.set_result(msg.get("data", {}))
+                    else:
+                        err = msg.get("error", {})
+                        future.set_exception(RequestError(err.get("code", "?"), err.get("reason", "")))
+            elif msg.get("type") == "evt":
+                self._on_event(msg["method"], msg.get("data", {}))
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("websocket closed"))
+
+    def _on_event(self, method: str, data: dict[str, Any]) -> None:
+        self.events.append((method, data))
+        if method == "offer":
+            self._offers.put_nowait(data)
+        for waiter in list(self._event_waiters):
+            name, predicate, future = waiter
+            if name == method and not future.done() and predicate(data):
+                future.set_result(data)
+                self._event_waiters.remove(waiter)
+
+    async def wait_for_event(
+        self, method: str, predicate: Callable[[dict[str, Any]], bool] = lambda d: True, *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """Wait for the next notification ``method`` whose data satisfies ``predicate``."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        waiter = (method, predicate, future)
+        self._event_waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            if waiter in self._event_waiters:
+                self._event_waiters.remove(waiter)
+
+    # --- room --------------------------------------------------------------------------------------------
+
+    def _configuration(self) -> RTCConfiguration:
+        from aiortc.rtcconfiguration import RTCBundlePolicy, RTCIceTransportPolicy  # enums, not strings
+
+        policy = RTCIceTransportPolicy.RELAY if self._policy == "relay" else RTCIceTransportPolicy.ALL
+        # max-bundle: with aiortc's default ("balanced"), a second m-section of the same kind in one offer is
+        # left on a transport that BUNDLE then stops, and its receiver never gets media.
+        return RTCConfiguration(
+            iceServers=ice_servers_from(self._ice_servers),
+            iceTransportPolicy=policy,
+            bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
+        )
+
+    async def join(self, room: str, name: str, *, token: str | None = None) -> dict[str, Any]:
+        """Join ``room``; returns the join response (``peer_id``, ``peers``, ``ice_servers``)."""
+        data: dict[str, Any] = {"v": 1, "room": room, "name": name}
+        if token is not None:
+            data["token"] = token
+        self.joined = await self.request("join", data)
+        self.peer_id = self.joined["peer_id"]
+        self.room = room
+        self._ice_servers = self.joined.get("ice_servers", [])
+        self._offer_task = asyncio.create_task(self._answer_offers(), name="chorus client offers")
+        return self.joined
+
+    def on_track(self, callback: TrackCallback) -> TrackCallback:
+        """Register ``callback(track, info)`` for every remote track (usable as a decorator)."""
+        self._track_callbacks.append(callback)
+        return callback
+
+    async def publish(self, *tracks: MediaStreamTrack, video_codec: str | None = None) -> list[dict[str, Any]]:
+        """
+        Publish tracks on the publish connection (one offer/answer).
+
+        :param video_codec: e.g. ``"video/H264"`` to prefer that codec over VP8.
+        :returns: the server's track descriptions ``{"id", "kind", "mid"}``.
+        """
+        if self.publish_pc is None:
+            self.publish_pc = RTCPeerConnection(self._configuration())
+        pc = self.publish_pc
+        for track in tracks:
+            transceiver = pc.addTransceiver(track, direction="sendonly")
+            if video_codec and track.kind == "video":
+                codecs = RTCRtpSender.getCapabilities("video").codecs
+                transceiver.setCodecPreferences([c for c in codecs if c.mimeType.lower() == video_codec.lower()])
+        await pc.setLocalDescription(await pc.createOffer())
+        answer = await self.request("publish", {"type": "offer", "sdp": pc.localDescription.sdp})
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        for track in answer["tracks"]:
+            self.tracks[track["id"]] = track
+        return list(answer["tracks"])
+
+    async def set_muted(self, track_id: str, muted: bool) -> None:
+        await self.request("mute", {"track_id": track_id, "muted": muted})
+
+    async def leave(self) -> None:
+        await self.request("leave")
+
+    # --- subscribe ---------------------------------------------------------------------------------------
+
+    async def _answer_offers(self) -> None:
+        while True:
+            offer = await self._offers.get()
+            if self.subscribe_pc is None:
+                self.subscribe_pc = RTCPeerConnection(self._configuration())
+                self.subscribe_pc.on("track", self._on_remote_track)
+            pc = self.subscribe_pc
+            for consumer in offer.get("consumers", []):
+                self._consumers[consumer["mid"]] = consumer
+            await pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+            try:
+                await self.request("answer", {"type": "answer", "sdp": pc.localDescription.sdp})
+            except RequestError as exc:
+                logger.warning("answer rejected: %s", exc)
+
+    def _on_remote_track(self, track: MediaStreamTrack) -> None:
+        assert self.subscribe_pc is not None
+        mid = next((t.mid for t in self.subscribe_pc.getTransceivers() if t.receiver.track is track), None)
+        info = dict(self._consumers.get(mid or "", {}), mid=mid)
+        for callback in self._track_callbacks:
+            callback(track, info)

@@ -1,0 +1,205 @@
+"""One websocket connection: reads requests, dispatches them by method name, writes responses/events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from sfu import ChorusError, Peer
+from sfu.logs import PeerLogger
+from sfu.peer import new_id
+
+from . import protocol
+from .protocol import ProtocolError, bad_request, get_bool, get_optional_str, get_sdp, get_str
+from .room import Room, RoomRegistry
+
+logger = logging.getLogger("chorus.session")
+
+#: Notifications queued for a client that does not read them; past this the session is closed.
+MAX_PENDING_NOTIFICATIONS = 2000
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class Session:
+    """
+    The server side of one websocket: one session, at most one peer at a time.
+
+    Requests are handled one at a time, in order. Notifications go through a bounded queue drained by a
+    writer task, so media-plane callbacks never wait on a slow client. Both tasks belong to the session's
+    TaskGroup; when the socket closes, the peer leaves its room.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, registry: RoomRegistry, *, ice_servers: list[dict[str, Any]],
+                 remote: str | None) -> None:
+        self.ws = ws
+        self.registry = registry
+        self.room: Room | None = None
+        self.peer: Peer | None = None
+        self.log = PeerLogger(logger, remote=remote)
+        self._ice_servers = ice_servers
+        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self._handlers: dict[str, Handler] = {
+            "join": self.on_join,
+            "publish": self.on_publish,
+            "answer": self.on_answer,
+            "trickle": self.on_trickle,
+            "mute": self.on_mute,
+            "leave": self.on_leave,
+            "ping": self.on_ping,
+        }
+
+    # --- outgoing ------------------------------------------------------------------------------------
+
+    def notify(self, method: str, data: dict[str, Any]) -> None:
+        """Queue a notification for the client (never blocks)."""
+        self._send(protocol.notification(method, data))
+
+    def _send(self, text: str) -> None:
+        if self._outbox.qsize() >= MAX_PENDING_NOTIFICATIONS:
+            self.log.warning("client does not read its messages, closing")
+            self._outbox.put_nowait(None)
+            return
+        self._outbox.put_nowait(text)
+
+    async def _writer(self) -> None:
+        while (text := await self._outbox.get()) is not None:
+            try:
+                await self.ws.send_str(text)
+            except (ConnectionError, RuntimeError):
+                break
+        await self.ws.close()
+
+    # --- main loop -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                writer = tasks.create_task(self._writer(), name="ws writer")
+                await self._reader()
+                self._outbox.put_nowait(None)
+                await writer
+        finally:
+            await self._leave("disconnected")
+
+    async def _reader(self) -> None:
+        async for message in self.ws:
+            if message.type == WSMsgType.TEXT:
+                await self._handle(message.data)
+            elif message.type == WSMsgType.BINARY:
+                self._send(protocol.error_response(None, "bad_request", "binary messages are not accepted"))
+            elif message.type == WSMsgType.ERROR:
+                self.log.info("websocket error", error=str(self.ws.exception()))
+                break
+
+    async def _handle(self, text: str) -> None:
+        request_id: int | None = None
+        try:
+            request = protocol.parse_request(text)
+            request_id = request.id
+            handler = self._handlers.get(request.method)
+            if handler is None:
+                raise ProtocolError("unknown_method", f"unknown method {request.method[:64]!r}")
+            data = await handler(request.data)
+            self._send(protocol.response(request_id, data))
+        except ChorusError as exc:
+            request_id = getattr(exc, "request_id", request_id)
+            self._send(protocol.error_response(request_id, exc.code, exc.reason))
+        except Exception:
+            self.log.error("request failed", exc_info=True, request=request_id)
+            self._send(protocol.error_response(request_id, "internal_error", "the server failed to handle this"))
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _joined(self) -> tuple[Room, Peer]:
+        if self.room is None or self.peer is None:
+            raise ProtocolError("invalid_state", "join a room first")
+        return self.room, self.peer
+
+    async def _leave(self, reason: str) -> None:
+        room, peer = self.room, self.peer
+        self.room = self.peer = None
+        if room is not None and peer is not None:
+            await room.leave(peer.id, reason)
+
+    # --- methods ---------------------------------------------------------------------------------------
+
+    async def on_join(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.peer is not None:
+            raise ProtocolError("invalid_state", "already joined; leave first")
+        version = data.get("v", protocol.PROTOCOL_VERSION)
+        if version != protocol.PROTOCOL_VERSION:
+            raise ProtocolError("unsupported_version", f"protocol version {version!r} is not supported; use 1")
+        room_id = get_str(data, "room", max_len=64, pattern=protocol.ROOM_RE)
+        name = get_str(data, "name", max_len=64)
+        get_optional_str(data, "token", max_len=4096)  # room tokens: see the auth issue
+        room = self.registry.get_or_create(room_id)
+        others = [p.describe() for p in room.router.peers.values()]
+        peer_id = new_id("p")
+        self.log = self.log.bind(room=room_id, peer=peer_id)
+        self.room = room
+        self.peer = room.join(self, peer_id, name)
+        return {
+            "v": protocol.PROTOCOL_VERSION,
+            "peer_id": peer_id,
+            "room": room_id,
+            "peers": others,
+            "ice_servers": self._ice_servers,
+        }
+
+    async def on_publish(self, data: dict[str, Any]) -> dict[str, Any]:
+        _, peer = self._joined()
+        sdp = get_sdp(data, "offer")
+        answer, producers = await peer.publish(sdp)
+        return {
+            "type": "answer",
+            "sdp": answer,
+            "tracks": [{"id": p.id, "kind": p.kind, "mid": p.mid} for p in producers],
+        }
+
+    async def on_answer(self, data: dict[str, Any]) -> dict[str, Any]:
+        _, peer = self._joined()
+        await peer.answer(get_sdp(data, "answer"))
+        return {}
+
+    async def on_trickle(self, data: dict[str, Any]) -> dict[str, Any]:
+        _, peer = self._joined()
+        target = data.get("target")
+        if target not in ("publish", "subscribe"):
+            raise bad_request("'target' must be \"publish\" or \"subscribe\"")
+        candidate = data.get("candidate")
+        if candidate is not None and not isinstance(candidate, dict):
+            raise bad_request("'candidate' must be an object or null")
+        if candidate is not None:
+            if not isinstance(candidate.get("candidate", ""), str) or len(candidate.get("candidate", "")) > 1024:
+                raise bad_request("'candidate.candidate' must be a string of at most 1024 characters")
+            mline = candidate.get("sdpMLineIndex")
+            if mline is not None and (type(mline) is not int or not 0 <= mline < 1024):
+                raise bad_request("'candidate.sdpMLineIndex' must be a small integer")
+            mid = candidate.get("sdpMid")
+            if mid is not None and (not isinstance(mid, str) or len(mid) > 32):
+                raise bad_request("'candidate.sdpMid' must be a short string")
+        await peer.add_ice_candidate(target, candidate)
+        return {}
+
+    async def on_mute(self, data: dict[str, Any]) -> dict[str, Any]:
+        room, peer = self._joined()
+        track_id = get_str(data, "track_id", max_len=64)
+        muted = get_bool(data, "muted")
+        producer = peer.set_muted(track_id, muted)
+        room.broadcast("track_muted", {"peer_id": peer.id, "track_id": producer.id, "muted": muted},
+                       exclude=peer.id)
+        return {}
+
+    async def on_leave(self, data: dict[str, Any]) -> dict[str, Any]:
+        self._joined()
+        await self._leave("left")
+        return {}
+
+    async def on_ping(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {"now": time.time()}

@@ -1,0 +1,107 @@
+"""Fixtures: a real Chorus server process on loopback, and aiortc clients connected to it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from sfu import aiortc_adapter
+from signaling.client import ChorusClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Test clients gather ICE candidates on loopback only: no traffic leaves this machine.
+aiortc_adapter.set_host_addresses(["127.0.0.1"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """A ``chorus serve`` subprocess; its log is kept for assertions."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = tmp / f"chorus-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "CHORUS_LOG_LEVEL": "info", **(env or {})},
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.http_url}/healthz", timeout=1).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"chorus did not start:\n{self.log()}") from None
+                time.sleep(0.1)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path_factory.mktemp("server"))
+    yield proc
+    proc.stop()
+    log = proc.log()
+    # No test may leave an unhandled exception behind in the server.
+    assert "Traceback" not in log and "Task exception was never retrieved" not in log, log[-5000:]
+
+
+@pytest.fixture
+def room_name(request: pytest.FixtureRequest) -> str:
+    return f"{request.node.name[:40]}-{os.getpid()}-{time.monotonic_ns() % 100000}".replace("[", "_").replace("]", "_")
+
+
+@pytest.fixture
+async def clients(server: ServerProcess) -> AsyncIterator[list[ChorusClient]]:
+    """A list to put connected clients in; all are closed at the end of the test."""
+    made: list[ChorusClient] = []
+    yield made
+    for client in made:
+        await client.close()
+
+
+async def connect(server: ServerProcess, clients: list[ChorusClient], **kwargs: object) -> ChorusClient:
+    client = ChorusClient(server.ws_url, **kwargs)  # type: ignore[arg-type]
+    await client.connect()
+    clients.append(client)
+    return client
