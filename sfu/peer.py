@@ -14,7 +14,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.rtcconfiguration import RTCBundlePolicy
-from aiortc.sdp import candidate_from_sdp
+from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from . import aiortc_adapter as adapter
 from .consumer import Consumer, IdleTrack
@@ -39,6 +39,14 @@ def _strip_mdns_candidates(sdp: str) -> str:
         line for line in sdp.splitlines(keepends=True)
         if not (line.startswith("a=candidate:") and ".local " in line)
     )
+
+
+def parse_sdp(sdp: str) -> SessionDescription:
+    """Parse an SDP with aiortc's parser; any failure (it raises many types) becomes InvalidSdpError."""
+    try:
+        return SessionDescription.parse(sdp)
+    except Exception as exc:
+        raise InvalidSdpError(f"cannot parse SDP: {type(exc).__name__}: {exc}") from exc
 
 
 class Peer:
@@ -99,8 +107,19 @@ class Peer:
         @pc.on("connectionstatechange")
         def on_state() -> None:
             self._log.debug("connection state", pc=role, state=pc.connectionState)
-            if pc.connectionState == "failed" and not self.closed:
+            if self.closed:
+                return
+            if pc.connectionState == "failed":
                 self._fail(f"{role} connection failed")
+            elif pc.connectionState == "closed":
+                # aiortc closes a connection whose DTLS the client shut down (it closed its RTCPeerConnection).
+                if role == "publish" and pc is self._publish_pc:
+                    self._log.info("publish connection closed by the client")
+                    self._publish_pc = None
+                    for producer in list(self.producers.values()):
+                        producer.close()
+                elif role == "subscribe":
+                    self._fail("subscribe connection closed by the client")
 
         return pc
 
@@ -121,6 +140,10 @@ class Peer:
         """
         if self.closed:
             raise InvalidStateError("peer is closed")
+        offer_sdp = _strip_mdns_candidates(offer_sdp)
+        media = parse_sdp(offer_sdp).media
+        if not any(m.kind in ("audio", "video") for m in media):
+            raise InvalidSdpError("the offer has no audio or video m-section to publish")
         async with self._publish_lock:
             if self._publish_pc is None:
                 self._publish_pc = self._new_pc("publish")
@@ -129,7 +152,7 @@ class Peer:
                 raise InvalidStateError("a publish negotiation is already in progress")
             known = {t for t in pc.getTransceivers()}
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(_strip_mdns_candidates(offer_sdp), "offer"))
+                await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
             except Exception as exc:  # aiortc raises many types on bad SDP (ValueError, KeyError, ...)
                 await self._reset_publish_if_unusable()
                 raise InvalidSdpError(f"cannot apply offer: {type(exc).__name__}: {exc}") from exc

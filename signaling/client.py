@@ -151,18 +151,31 @@ class ChorusClient:
                 future.set_result(data)
                 self._event_waiters.remove(waiter)
 
-    async def wait_for_event(
+    def expect_event(
         self, method: str, predicate: Callable[[dict[str, Any]], bool] = lambda d: True, *, timeout: float = 10.0
-    ) -> dict[str, Any]:
-        """Wait for the next notification ``method`` whose data satisfies ``predicate``."""
+    ) -> asyncio.Task[dict[str, Any]]:
+        """
+        Start waiting, now, for the next notification ``method`` whose data satisfies ``predicate``; await
+        the returned task after doing what should cause it (so an early notification is not missed).
+        """
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         waiter = (method, predicate, future)
         self._event_waiters.append(waiter)
-        try:
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            if waiter in self._event_waiters:
-                self._event_waiters.remove(waiter)
+
+        async def wait() -> dict[str, Any]:
+            try:
+                return await asyncio.wait_for(future, timeout)
+            finally:
+                if waiter in self._event_waiters:
+                    self._event_waiters.remove(waiter)
+
+        return asyncio.ensure_future(wait())
+
+    async def wait_for_event(
+        self, method: str, predicate: Callable[[dict[str, Any]], bool] = lambda d: True, *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """Wait for the next notification ``method`` (from now on) whose data satisfies ``predicate``."""
+        return await self.expect_event(method, predicate, timeout=timeout)
 
     # --- room --------------------------------------------------------------------------------------------
 

@@ -1,0 +1,197 @@
+// The Chorus group-call page. Open as /?room=NAME&name=ALICE (optional &token=..., &ice=relay) to join
+// at once; otherwise a form asks for the room and name. Tests find the RoomClient as window.chorus and
+// wait for window.chorusReady.
+import { RoomClient } from './chorus-client.js';
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const tiles = new Map(); // peer id -> {el, video, stream}
+let client = null;
+let localStream = null;
+
+const STATUS_TEXT = {
+  connecting: 'connecting…', connected: 'connected', reconnecting: 'reconnecting…', closed: 'left',
+};
+
+function setStatus(state, text = STATUS_TEXT[state] || state) {
+  $('status').textContent = text;
+  $('status').dataset.state = state;
+}
+
+function showError(message) {
+  $('error').textContent = message;
+  $('error').hidden = !message;
+}
+
+function updateCount() {
+  const n = client && client.state !== 'closed' ? client.peers.size + 1 : 0;
+  $('count').textContent = n ? `${n} participant${n === 1 ? '' : 's'}` : '';
+  $('count').dataset.count = n;
+}
+
+// --- remote tiles: one <video> and one MediaStream (audio + video) per peer -------------------------
+
+function addTile(peer) {
+  if (tiles.has(peer.id)) return tiles.get(peer.id);
+  const el = document.createElement('div');
+  el.className = 'tile remote';
+  el.dataset.peerId = peer.id;
+  const video = document.createElement('video');
+  video.className = 'remote-video';
+  video.autoplay = true;
+  video.playsInline = true;
+  const label = document.createElement('span');
+  label.className = 'label';
+  label.textContent = peer.name;
+  el.append(video, label);
+  $('grid').append(el);
+  const tile = { el, video, stream: new MediaStream() };
+  tiles.set(peer.id, tile);
+  return tile;
+}
+
+function removeTile(peerId) {
+  tiles.get(peerId)?.el.remove();
+  tiles.delete(peerId);
+}
+
+// Re-attach the stream after its tracks change, and start playing.
+function refresh(tile) {
+  tile.video.srcObject = tile.stream.getTracks().length ? tile.stream : null;
+  if (tile.video.srcObject) play(tile.video);
+}
+
+// Autoplay with sound may be refused until the user interacts: play muted and offer to unmute.
+function play(video) {
+  video.play().catch((error) => {
+    if (error.name !== 'NotAllowedError' || video.muted) return; // AbortError: a newer load won
+    video.muted = true;
+    $('sound-hint').hidden = false;
+    video.play().catch(() => {});
+  });
+}
+
+document.addEventListener('click', () => {
+  if ($('sound-hint').hidden) return;
+  $('sound-hint').hidden = true;
+  for (const { video } of tiles.values()) {
+    video.muted = false;
+    video.play().catch(() => {});
+  }
+});
+
+function setTrackMuted(peerId, kind, muted) {
+  const tile = tiles.get(peerId);
+  if (tile && kind) tile.el.classList.toggle(`${kind}-muted`, muted);
+}
+
+// --- joining -----------------------------------------------------------------------------------------
+
+async function start({ room, name, token }) {
+  $('join-form').hidden = true;
+  $('call').hidden = false;
+  $('room-name').textContent = room;
+  showError('');
+  resetControls();
+  setStatus('connecting');
+
+  client = new RoomClient({ iceTransportPolicy: params.get('ice') === 'relay' ? 'relay' : 'all' });
+  window.chorus = client;
+  window.chorusReady = false;
+  client.on('connection-state', ({ state }) => { setStatus(state); updateCount(); });
+  client.on('peer-joined', ({ peer }) => { addTile(peer); updateCount(); });
+  client.on('peer-left', ({ peerId }) => { removeTile(peerId); updateCount(); });
+  client.on('track-added', ({ peerId, kind, track, muted }) => {
+    const peer = client.peers.get(peerId) || { id: peerId, name: peerId };
+    const tile = addTile(peer);
+    for (const old of tile.stream.getTracks()) {
+      if (old.kind === kind) tile.stream.removeTrack(old); // one track of each kind per tile
+    }
+    tile.stream.addTrack(track);
+    setTrackMuted(peerId, kind, muted);
+    refresh(tile);
+  });
+  client.on('track-removed', ({ peerId, track }) => {
+    const tile = tiles.get(peerId);
+    if (!tile) return;
+    tile.stream.removeTrack(track);
+    refresh(tile);
+  });
+  client.on('track-muted', ({ peerId, kind, muted }) => setTrackMuted(peerId, kind, muted));
+
+  try {
+    localStream = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 640, height: 480 } });
+    $('local-video').srcObject = localStream;
+  } catch (error) {
+    localStream = null;
+    showError(`No camera or microphone (${error.name}: ${error.message}). You can still watch and listen.`);
+  }
+  $('mic-button').disabled = !localStream?.getAudioTracks().length;
+  $('cam-button').disabled = !localStream?.getVideoTracks().length;
+
+  try {
+    await client.join({ room, name, token });
+    if (localStream) await client.publish(localStream);
+    window.chorusReady = true;
+  } catch (error) {
+    setStatus('failed', 'failed');
+    showError(`Could not join: ${error.reason || error.message}`);
+  }
+}
+
+// --- controls ----------------------------------------------------------------------------------------
+
+function toggle(button, kind, onText, offText) {
+  button.addEventListener('click', async () => {
+    const muted = !client.muted[kind];
+    button.setAttribute('aria-pressed', String(muted));
+    button.textContent = muted ? offText : onText;
+    $('local-tile').classList.toggle(`${kind}-muted`, muted);
+    try {
+      await client.setMuted(kind, muted);
+    } catch (error) {
+      showError(`Could not ${muted ? 'mute' : 'unmute'}: ${error.reason || error.message}`);
+    }
+  });
+}
+toggle($('mic-button'), 'audio', 'Mute mic', 'Unmute mic');
+toggle($('cam-button'), 'video', 'Camera off', 'Camera on');
+
+$('leave-button').addEventListener('click', async () => {
+  await client.leave();
+  for (const track of localStream?.getTracks() || []) track.stop();
+  localStream = null;
+  $('local-video').srcObject = null;
+  for (const peerId of [...tiles.keys()]) removeTile(peerId);
+  window.chorusReady = false;
+  updateCount();
+  // Offer to join again.
+  $('call').hidden = true;
+  $('join-form').hidden = false;
+});
+
+$('join-form').addEventListener('submit', (event) => {
+  event.preventDefault();
+  const room = $('room-input').value.trim();
+  const name = $('name-input').value.trim();
+  history.replaceState(null, '', `?${new URLSearchParams({ room, name })}`);
+  start({ room, name });
+});
+
+// Reset the buttons for a new call.
+function resetControls() {
+  $('mic-button').textContent = 'Mute mic';
+  $('cam-button').textContent = 'Camera off';
+  for (const id of ['mic-button', 'cam-button']) $(id).setAttribute('aria-pressed', 'false');
+  $('local-tile').classList.remove('audio-muted', 'video-muted');
+}
+
+const room = params.get('room');
+const name = params.get('name');
+$('room-input').value = room || '';
+$('name-input').value = name || '';
+if (room && name) {
+  start({ room, name, token: params.get('token') || undefined });
+} else {
+  $('join-form').hidden = false;
+}

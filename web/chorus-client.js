@@ -1,0 +1,451 @@
+// Chorus browser client (see docs/signaling.md).
+//
+// SignalClient: one websocket; requests become promises matched by id, notifications become events.
+// RoomClient: a participant of a room. It publishes on its own *publish* RTCPeerConnection (we offer,
+// the server answers) and receives everyone else on a *subscribe* RTCPeerConnection (the server offers,
+// we answer), and reconnects when the websocket drops.
+
+const PROTOCOL_VERSION = 1;
+
+/** An error response from the server, or a local failure ('timeout', 'closed'). */
+export class ChorusError extends Error {
+  constructor(code, reason) {
+    super(`${code}: ${reason}`);
+    this.name = 'ChorusError';
+    this.code = code;
+    this.reason = reason;
+  }
+}
+
+/** EventTarget whose events carry their payload in `detail`; `on(type, fn)` calls fn(detail). */
+class Emitter extends EventTarget {
+  on(type, fn) {
+    const listener = (event) => fn(event.detail);
+    this.addEventListener(type, listener);
+    return () => this.removeEventListener(type, listener);
+  }
+
+  emit(type, detail = {}) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
+
+/**
+ * The signaling websocket. Events: one per notification method (detail = its data), and 'close'
+ * (detail = {code, reason}) once the socket is closed, by either side.
+ */
+export class SignalClient extends Emitter {
+  constructor(url) {
+    super();
+    this.url = url;
+    this.closed = false;
+    this._nextId = 0;
+    this._pending = new Map(); // id -> {resolve, reject, timer}
+    this.ws = new WebSocket(url);
+    // Resolved when the socket is open; rejected if it closes first.
+    this.ready = new Promise((resolve, reject) => {
+      this.ws.onopen = () => resolve();
+      this._rejectReady = reject;
+    });
+    this.ready.catch(() => {}); // nobody may be waiting on it
+    this.ws.onmessage = (event) => this._onMessage(event.data);
+    this.ws.onclose = (event) => this._closed(event.code, event.reason || 'websocket closed');
+  }
+
+  /** Send a request; resolves with the response's `data`, rejects with a ChorusError. */
+  async request(method, data = {}, { timeout = 10000 } = {}) {
+    await this.ready;
+    if (this.closed) throw new ChorusError('closed', 'websocket closed');
+    const id = this._nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = timeout > 0 ? setTimeout(() => {
+        this._pending.delete(id);
+        reject(new ChorusError('timeout', `no response to ${method} in ${timeout} ms`));
+      }, timeout) : null;
+      this._pending.set(id, { resolve, reject, timer });
+      this.ws.send(JSON.stringify({ type: 'req', id, method, data }));
+    });
+  }
+
+  close() {
+    if (this.closed) return;
+    this.ws.close(1000);
+    this._closed(1000, 'closed by client');
+  }
+
+  _onMessage(text) {
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      console.warn('chorus: ignoring a message that is not JSON');
+      return;
+    }
+    if (msg.type === 'evt') {
+      this.emit(msg.method, msg.data || {});
+    } else if (msg.type === 'res') {
+      const pending = this._pending.get(msg.id);
+      if (!pending) {
+        if (!msg.ok) console.warn('chorus: error without a request', msg.error);
+        return;
+      }
+      this._pending.delete(msg.id);
+      clearTimeout(pending.timer);
+      if (msg.ok) pending.resolve(msg.data || {});
+      else pending.reject(new ChorusError(msg.error?.code || 'unknown', msg.error?.reason || ''));
+    }
+  }
+
+  _closed(code, reason) {
+    if (this.closed) return;
+    this.closed = true;
+    const error = new ChorusError('closed', reason);
+    this._rejectReady(error);
+    for (const { reject, timer } of this._pending.values()) {
+      clearTimeout(timer);
+      reject(error);
+    }
+    this._pending.clear();
+    this.emit('close', { code, reason });
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function defaultUrl() {
+  return `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+}
+
+/**
+ * One participant of a room.
+ *
+ * State (`state`, reported by 'connection-state'): new → connecting → connected ⇄ reconnecting → closed.
+ *
+ * Events (detail):
+ *   peer-joined      {peerId, peer}            peer = {id, name, tracks: [{id, kind, muted}]}
+ *   peer-left        {peerId, peer}
+ *   track-added      {peerId, trackId, kind, track, muted, mid}   track is a MediaStreamTrack
+ *   track-removed    {peerId, trackId, kind, track}
+ *   track-muted      {peerId, trackId, kind, muted}
+ *   connection-state {state, publish, subscribe}  the last two are the PeerConnections' connectionState
+ *   closed           {reason}
+ */
+export class RoomClient extends Emitter {
+  constructor({ url = defaultUrl(), iceTransportPolicy = 'all' } = {}) {
+    super();
+    this.url = url;
+    this.iceTransportPolicy = iceTransportPolicy;
+    this.state = 'new';
+    this.signal = null;
+    this.peerId = null;
+    this.peers = new Map(); // peer id -> {id, name, tracks: [{id, kind, muted}]}
+    this.iceServers = [];
+    this.publishPc = null;
+    this.subscribePc = null;
+    this.localStream = null;
+    this.localTracks = []; // what the server made of our stream: [{id, kind, mid, track}]
+    this.muted = { audio: false, video: false };
+    this.remoteTracks = new Map(); // track id -> track-added detail
+    this._consumers = new Map(); // mid -> {mid, track_id, peer_id, kind}, from the latest offer
+    this._endedTracks = new Set(); // unpublished track ids, never to be shown again
+    this._queuedCandidates = { publish: [], subscribe: [] };
+    this._offers = Promise.resolve(); // offers are handled one at a time, in order
+  }
+
+  /** Join a room; resolves with the join response. */
+  async join({ room, name, token } = {}) {
+    if (this.state !== 'new' && this.state !== 'closed') {
+      throw new ChorusError('invalid_state', `cannot join while ${this.state}`);
+    }
+    Object.assign(this, { room, name, token });
+    this._setState('connecting');
+    try {
+      const response = await this._connect();
+      this._setState('connected');
+      return response;
+    } catch (error) {
+      this._teardown();
+      this._setState('closed');
+      throw error;
+    }
+  }
+
+  /** Publish every track of `stream` (once per join; it is re-published after a reconnection). */
+  async publish(stream) {
+    if (this.state !== 'connected') throw new ChorusError('invalid_state', 'join first');
+    if (this.publishPc) throw new ChorusError('invalid_state', 'already published');
+    this.localStream = stream;
+    try {
+      await this._publish();
+    } catch (error) {
+      if (this.state !== 'connected') return; // left, or the reconnection publishes again
+      // Refused (e.g. unsupported_codec): forget the stream so a reconnection does not retry it.
+      this.publishPc?.close();
+      this.publishPc = null;
+      this.localStream = null;
+      throw error;
+    }
+  }
+
+  /** Mute or unmute our own audio or video: disables the local track and tells the server. */
+  async setMuted(kind, muted) {
+    this.muted[kind] = muted;
+    for (const track of this.localStream?.getTracks() || []) {
+      if (track.kind === kind) track.enabled = !muted;
+    }
+    if (this.state === 'connected') await this._sendMute(kind, muted);
+  }
+
+  /** Leave the room and close the websocket. Idempotent. */
+  async leave() {
+    if (this.state === 'closed' || this.state === 'new') return;
+    const signal = this.signal;
+    const wasConnected = this.state === 'connected';
+    this._setState('closed'); // stops any reconnection
+    if (wasConnected) await signal.request('leave', {}, { timeout: 2000 }).catch(() => {});
+    this._teardown();
+    this.localStream = null; // a later join publishes whatever it is given
+    for (const peerId of [...this.peers.keys()]) this._peerLeft(peerId);
+    this.emit('closed', { reason: 'left' });
+  }
+
+  // --- connection --------------------------------------------------------------------------------
+
+  // Open a websocket, join, and create a fresh subscribe connection.
+  async _connect() {
+    const signal = (this.signal = new SignalClient(this.url));
+    signal.on('close', () => this._onSignalClose(signal));
+    const handlers = {
+      peer_joined: (d) => this._onPeerJoined(d),
+      peer_left: (d) => this._peerLeft(d.peer_id),
+      track_published: (d) => this._onTrackPublished(d),
+      track_unpublished: (d) => this._onTrackUnpublished(d),
+      track_muted: (d) => this._onTrackMuted(d),
+      offer: (d) => this._onOffer(signal, d),
+      left: () => this._reconnect(), // the server dropped us (e.g. a failed media connection)
+    };
+    for (const [method, fn] of Object.entries(handlers)) {
+      signal.on(method, (data) => signal === this.signal && fn(data));
+    }
+    await signal.ready;
+    const request = { v: PROTOCOL_VERSION, room: this.room, name: this.name };
+    if (this.token) request.token = this.token;
+    const response = await signal.request('join', request);
+    this.peerId = response.peer_id;
+    this.iceServers = (response.ice_servers || []).map(({ urls, username, credential }) => ({
+      urls, username, credential,
+    }));
+    this._syncPeers(response.peers || []);
+    this.subscribePc = this._newPc('subscribe');
+    return response;
+  }
+
+  _onSignalClose(signal) {
+    if (signal === this.signal && this.state === 'connected') this._reconnect();
+  }
+
+  // Retry with backoff until joined (and published) again, or until leave().
+  async _reconnect() {
+    if (this.state !== 'connected') return;
+    this._setState('reconnecting');
+    this._teardown();
+    for (let attempt = 0; this.state === 'reconnecting'; attempt++) {
+      await sleep(Math.min(500 * 2 ** attempt, 5000));
+      if (this.state !== 'reconnecting') return;
+      try {
+        await this._connect();
+        await this._publish();
+        if (this.state === 'reconnecting') this._setState('connected');
+        return;
+      } catch (error) {
+        console.warn('chorus: reconnection failed', error);
+        if (this.state === 'reconnecting') this._teardown();
+      }
+    }
+  }
+
+  // Close the websocket and both connections; every remote track ends.
+  _teardown() {
+    this.signal?.close();
+    this.signal = null;
+    this.publishPc?.close();
+    this.subscribePc?.close();
+    this.publishPc = this.subscribePc = null;
+    this.localTracks = [];
+    this._consumers.clear();
+    this._queuedCandidates = { publish: [], subscribe: [] };
+    this._offers = Promise.resolve();
+    for (const trackId of [...this.remoteTracks.keys()]) this._removeRemoteTrack(trackId);
+  }
+
+  _setState(state) {
+    this.state = state;
+    this._emitConnectionState();
+  }
+
+  _emitConnectionState() {
+    this.emit('connection-state', {
+      state: this.state,
+      publish: this.publishPc?.connectionState || 'none',
+      subscribe: this.subscribePc?.connectionState || 'none',
+    });
+  }
+
+  // --- peer connections -----------------------------------------------------------------------------
+
+  // target is 'publish' or 'subscribe'.
+  _newPc(target) {
+    const pc = new RTCPeerConnection({
+      iceServers: this.iceServers,
+      iceTransportPolicy: this.iceTransportPolicy,
+    });
+    const current = () => pc === this[`${target}Pc`];
+    pc.onicecandidate = ({ candidate }) => {
+      if (!candidate || !candidate.candidate || !current()) return;
+      const { sdpMid, sdpMLineIndex } = candidate;
+      const c = { candidate: candidate.candidate, sdpMid, sdpMLineIndex };
+      // The server takes candidates only once it has our description (see _flushCandidates).
+      if (pc.remoteDescription) this._trickle(target, c);
+      else this._queuedCandidates[target].push(c);
+    };
+    pc.onconnectionstatechange = () => {
+      if (!current()) return;
+      this._emitConnectionState();
+      if (pc.connectionState === 'failed') this._reconnect();
+    };
+    if (target === 'subscribe') pc.ontrack = ({ transceiver }) => this._addRemoteTrack(transceiver);
+    return pc;
+  }
+
+  _trickle(target, candidate) {
+    this.signal?.request('trickle', { target, candidate }).catch((error) => {
+      console.debug('chorus: trickle failed', error);
+    });
+  }
+
+  _flushCandidates(target) {
+    for (const c of this._queuedCandidates[target].splice(0)) this._trickle(target, c);
+  }
+
+  // Offer our stream on a fresh publish connection.
+  async _publish() {
+    const stream = this.localStream;
+    if (!stream || stream.getTracks().length === 0) return;
+    const pc = (this.publishPc = this._newPc('publish'));
+    for (const track of stream.getTracks()) {
+      pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+    }
+    await pc.setLocalDescription(await pc.createOffer());
+    const answer = await this.signal.request('publish', { type: 'offer', sdp: pc.localDescription.sdp });
+    if (pc !== this.publishPc) return;
+    await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
+    this._flushCandidates('publish');
+    const transceivers = pc.getTransceivers();
+    this.localTracks = answer.tracks.map((t) => ({
+      ...t, track: transceivers.find((x) => x.mid === t.mid)?.sender.track || null,
+    }));
+    // A new session means new track ids: tell the server again what is muted.
+    for (const kind of ['audio', 'video']) {
+      if (this.muted[kind]) await this._sendMute(kind, true);
+    }
+  }
+
+  _sendMute(kind, muted) {
+    const ours = this.localTracks.filter((t) => t.kind === kind);
+    return Promise.all(ours.map((t) => this.signal.request('mute', { track_id: t.id, muted })));
+  }
+
+  _onOffer(signal, offer) {
+    this._offers = this._offers
+      .then(() => signal === this.signal && this._answer(offer))
+      .catch((error) => console.warn('chorus: cannot answer the subscribe offer', error));
+  }
+
+  // Answer one server offer on the subscribe connection.
+  async _answer(offer) {
+    const pc = this.subscribePc;
+    if (!pc) return;
+    const consumers = new Map((offer.consumers || []).map((c) => [c.mid, c]));
+    // Tracks whose m-section is gone (or now carries another track) have ended.
+    for (const [trackId, t] of this.remoteTracks) {
+      if (consumers.get(t.mid)?.track_id !== trackId) this._removeRemoteTrack(trackId);
+    }
+    this._consumers = consumers; // before setRemoteDescription: its 'track' events look mids up here
+    await pc.setRemoteDescription({ type: 'offer', sdp: offer.sdp });
+    await pc.setLocalDescription(await pc.createAnswer());
+    await this.signal.request('answer', { type: 'answer', sdp: pc.localDescription.sdp });
+    this._flushCandidates('subscribe');
+    // A reused m-section may fire no 'track' event: pick up whatever is still missing.
+    for (const transceiver of pc.getTransceivers()) this._addRemoteTrack(transceiver);
+  }
+
+  _addRemoteTrack(transceiver) {
+    const c = this._consumers.get(transceiver.mid);
+    if (!c || this.remoteTracks.has(c.track_id) || this._endedTracks.has(c.track_id)) return;
+    const known = this.peers.get(c.peer_id)?.tracks.find((t) => t.id === c.track_id);
+    const detail = {
+      peerId: c.peer_id, trackId: c.track_id, kind: c.kind, track: transceiver.receiver.track,
+      muted: known?.muted || false, mid: c.mid,
+    };
+    this.remoteTracks.set(c.track_id, detail);
+    this.emit('track-added', detail);
+  }
+
+  _removeRemoteTrack(trackId) {
+    const t = this.remoteTracks.get(trackId);
+    if (!t) return;
+    this.remoteTracks.delete(trackId);
+    this.emit('track-removed', { peerId: t.peerId, trackId, kind: t.kind, track: t.track });
+  }
+
+  // --- room notifications ---------------------------------------------------------------------------
+
+  // After (re)joining: the server's list of peers replaces ours.
+  _syncPeers(list) {
+    const fresh = new Set(list.map((p) => p.id));
+    for (const peerId of [...this.peers.keys()]) {
+      if (!fresh.has(peerId)) this._peerLeft(peerId);
+    }
+    for (const peer of list) this._onPeerJoined({ peer });
+  }
+
+  _onPeerJoined({ peer }) {
+    const isNew = !this.peers.has(peer.id);
+    const tracks = (peer.tracks || []).map((t) => ({ id: t.id, kind: t.kind, muted: !!t.muted }));
+    this.peers.set(peer.id, { id: peer.id, name: peer.name, tracks });
+    if (isNew) this.emit('peer-joined', { peerId: peer.id, peer: this.peers.get(peer.id) });
+  }
+
+  _peerLeft(peerId) {
+    const peer = this.peers.get(peerId);
+    if (!peer) return;
+    for (const t of this.remoteTracks.values()) {
+      if (t.peerId === peerId) this._removeRemoteTrack(t.trackId);
+    }
+    this.peers.delete(peerId);
+    this.emit('peer-left', { peerId, peer });
+  }
+
+  _onTrackPublished({ peer_id: peerId, track }) {
+    const peer = this.peers.get(peerId);
+    if (peer && !peer.tracks.some((t) => t.id === track.id)) {
+      peer.tracks.push({ id: track.id, kind: track.kind, muted: !!track.muted });
+    }
+  }
+
+  _onTrackUnpublished({ peer_id: peerId, track_id: trackId }) {
+    const peer = this.peers.get(peerId);
+    if (peer) peer.tracks = peer.tracks.filter((t) => t.id !== trackId);
+    this._endedTracks.add(trackId);
+    this._removeRemoteTrack(trackId);
+  }
+
+  _onTrackMuted({ peer_id: peerId, track_id: trackId, muted }) {
+    const known = this.peers.get(peerId)?.tracks.find((t) => t.id === trackId);
+    if (known) known.muted = muted;
+    const remote = this.remoteTracks.get(trackId);
+    if (remote) remote.muted = muted;
+    const kind = known?.kind || remote?.kind;
+    this.emit('track-muted', { peerId, trackId, kind, muted });
+  }
+}
