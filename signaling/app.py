@@ -6,10 +6,12 @@ import logging
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import WSCloseCode, web
 
 from sfu import aiortc_adapter
+from turn import credentials as turn_credentials
 
 from .config import Settings
 from .room import RoomRegistry
@@ -29,12 +31,25 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=15.0, max_msg_size=settings.max_message_bytes)
     await ws.prepare(request)
     request.app[WEBSOCKETS].add(ws)
-    session = Session(ws, request.app[REGISTRY], ice_servers=settings.ice_servers, remote=request.remote)
+    session = Session(ws, request.app[REGISTRY], ice_servers=lambda identity: ice_servers_for(settings, identity),
+                      remote=request.remote)
     try:
         await session.run()
     finally:
         request.app[WEBSOCKETS].discard(ws)
     return ws
+
+
+def ice_servers_for(settings: Settings, identity: str) -> list[dict[str, Any]]:
+    """What a joining participant gets as ``ice_servers``: configured entries, STUN, TURN with fresh
+    credentials minted for ``identity``."""
+    return list(settings.ice_servers) + turn_credentials.ice_servers(
+        identity=identity,
+        turn_secret=settings.turn_secret,
+        turn_urls=settings.turn_urls,
+        stun_urls=settings.stun_urls,
+        ttl=settings.turn_ttl,
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:

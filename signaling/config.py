@@ -31,6 +31,31 @@ class Settings(BaseSettings):
         description="ICE servers handed to clients in the join response, e.g. "
         '[{"urls": ["stun:stun.example.org:3478"]}].',
     )
+    # --- TURN (coturn with use-auth-secret) -------------------------------------------------------------
+    turn_secret: str | None = Field(
+        None, description="Shared secret with coturn (static-auth-secret). When set, join hands out TURN "
+        "credentials; when unset, only stun_urls are handed out."
+    )
+    turn_urls: list[str] = Field(
+        default_factory=lambda: ["turn:127.0.0.1:3478?transport=udp", "turn:127.0.0.1:3478?transport=tcp"],
+        description="TURN URLs handed to clients (turn:/turns:, with ?transport=udp|tcp).",
+    )
+    stun_urls: list[str] = Field(default_factory=list, description="STUN URLs handed to clients.")
+    turn_ttl: int = Field(3600, ge=60, le=7 * 86400, description="Lifetime of minted TURN credentials, seconds.")
+    turn_realm: str = Field("chorus.local", description="coturn realm.")
+    turn_listening_ip: str = Field("127.0.0.1", description="coturn listening address (rendered config).")
+    turn_relay_ip: str | None = Field(None, description="coturn relay address (rendered config).")
+    turn_external_ip: str | None = Field(None, description="coturn external-ip, behind NAT (rendered config).")
+    turn_port: int = Field(3478, ge=1, le=65535, description="coturn listening port (rendered config).")
+    turn_tls_port: int = Field(5349, ge=1, le=65535, description="coturn TLS port, used with cert and key.")
+    turn_min_port: int = Field(49160, ge=1024, le=65535, description="Lowest relay port.")
+    turn_max_port: int = Field(49999, ge=1024, le=65535, description="Highest relay port.")
+    turn_tls_cert: Path | None = Field(None, description="TLS certificate for turns: (rendered config).")
+    turn_tls_key: Path | None = Field(None, description="TLS private key for turns: (rendered config).")
+    turn_user_quota: int = Field(12, ge=0, description="Max allocations per TURN user (0: unlimited).")
+    turn_total_quota: int = Field(1200, ge=0, description="Max allocations in total (0: unlimited).")
+    turn_max_bps: int = Field(0, ge=0, description="Max bytes/s per TURN session (0: unlimited).")
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest websocket message accepted.")

@@ -35,8 +35,8 @@ class Session:
     TaskGroup; when the socket closes, the peer leaves its room.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, registry: RoomRegistry, *, ice_servers: list[dict[str, Any]],
-                 remote: str | None) -> None:
+    def __init__(self, ws: web.WebSocketResponse, registry: RoomRegistry, *,
+                 ice_servers: Callable[[str], list[dict[str, Any]]], remote: str | None) -> None:
         self.ws = ws
         self.registry = registry
         self.room: Room | None = None
@@ -149,7 +149,7 @@ class Session:
             "peer_id": peer_id,
             "room": room_id,
             "peers": others,
-            "ice_servers": self._ice_servers,
+            "ice_servers": self._ice_servers(peer_id),
         }
 
     async def on_publish(self, data: dict[str, Any]) -> dict[str, Any]:
