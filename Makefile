@@ -27,7 +27,7 @@ system-deps:
 	fi
 
 run: install
-	$(VENV)/bin/chorus serve --host 127.0.0.1 --port 8080
+	$(VENV)/bin/chorus serve --dev --host 127.0.0.1 --port 8080
 
 test: install system-deps
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

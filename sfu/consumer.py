@@ -23,6 +23,7 @@ from aiortc.utils import uint16_gt
 
 from . import aiortc_adapter as adapter
 from .logs import PeerLogger
+from .stats import TOTALS
 
 if TYPE_CHECKING:
     from .producer import Producer
@@ -233,5 +234,11 @@ class Consumer:
         self.closed = True
         self.producer.remove_consumer(self)
         self._cache = []
+        TOTALS.packets_forwarded += self.stats.packets
+        TOTALS.bytes_forwarded += self.stats.bytes
+        TOTALS.nacks += self.stats.nacks
+        TOTALS.retransmitted += self.stats.retransmitted
+        TOTALS.plis += self.stats.plis
+        TOTALS.firs += self.stats.firs
         if self._on_close is not None:
             self._on_close(self)

@@ -71,9 +71,12 @@ class Peer:
         on_producer: Callable[[Peer, Producer], None],
         on_failed: Callable[[Peer, str], None],
         log: PeerLogger,
+        subscribe: bool = True,
     ) -> None:
         self.id = peer_id
         self.name = name
+        #: Whether this peer receives the room's tracks.
+        self.subscribe = subscribe
         self.closed = False
         self.producers: dict[str, Producer] = {}
         self.consumers: dict[str, Consumer] = {}

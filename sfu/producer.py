@@ -15,6 +15,7 @@ from aiortc.rtp import RtpPacket, unwrap_rtx
 from . import aiortc_adapter as adapter
 from .logs import PeerLogger
 from .rtp import keyframe_detector
+from .stats import TOTALS
 
 if TYPE_CHECKING:
     from .consumer import Consumer
@@ -151,6 +152,9 @@ class Producer:
         for consumer in list(self.consumers.values()):
             consumer.close()
         self.consumers.clear()
+        TOTALS.packets_received += self.stats.packets
+        TOTALS.bytes_received += self.stats.bytes
+        TOTALS.keyframe_requests += self.stats.keyframe_requests
         for callback in self._on_close:
             callback(self)
         self._on_close.clear()

@@ -45,8 +45,9 @@ class Router:
         for peer in self.peers.values():
             yield from (p for p in peer.producers.values() if not p.closed)
 
-    def create_peer(self, peer_id: str, name: str, send_offer: OfferSender) -> Peer:
-        """Add a participant; it starts consuming every producer already in the room."""
+    def create_peer(self, peer_id: str, name: str, send_offer: OfferSender, *, subscribe: bool = True) -> Peer:
+        """Add a participant; unless ``subscribe`` is false it consumes every producer already in the room
+        and every later one."""
         if self.closed:
             raise InvalidStateError(f"room {self.id} is closed")
         peer = Peer(
@@ -56,16 +57,25 @@ class Router:
             on_producer=self._producer_added,
             on_failed=self._observer.peer_failed,
             log=self._log.bind(peer=peer_id),
+            subscribe=subscribe,
         )
         self.peers[peer_id] = peer
-        for producer in list(self.producers()):
-            peer.consume(producer)
+        if subscribe:
+            for producer in list(self.producers()):
+                peer.consume(producer)
         return peer
+
+    def find_producer(self, producer_id: str) -> tuple[Peer, Producer] | None:
+        for peer in self.peers.values():
+            producer = peer.producers.get(producer_id)
+            if producer is not None:
+                return peer, producer
+        return None
 
     def _producer_added(self, peer: Peer, producer: Producer) -> None:
         producer.on_close(lambda p: self._observer.producer_closed(peer, p))
         for other in self.peers.values():
-            if other is not peer and not other.closed:
+            if other is not peer and not other.closed and other.subscribe:
                 other.consume(producer)
         self._observer.producer_added(peer, producer)
 

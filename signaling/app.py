@@ -1,7 +1,9 @@
-"""The aiohttp application: websocket signaling at /ws, health, and the bundled page at /."""
+"""The aiohttp application: websocket signaling, admin API, health, metrics, and the bundled page."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator
@@ -13,9 +15,13 @@ from aiohttp import WSCloseCode, web
 from sfu import aiortc_adapter
 from turn import credentials as turn_credentials
 
+from . import auth
+from .admin import create_admin_app
 from .config import Settings
+from .metrics import Metrics
 from .room import RoomRegistry
 from .session import Session
+from .webhooks import WebhookSender
 
 logger = logging.getLogger("chorus.app")
 
@@ -23,21 +29,14 @@ WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", RoomRegistry)
+METRICS = web.AppKey("metrics", Metrics)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
+READY = web.AppKey("ready", asyncio.Event)
 
 
-async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    settings = request.app[SETTINGS]
-    ws = web.WebSocketResponse(heartbeat=15.0, max_msg_size=settings.max_message_bytes)
-    await ws.prepare(request)
-    request.app[WEBSOCKETS].add(ws)
-    session = Session(ws, request.app[REGISTRY], ice_servers=lambda identity: ice_servers_for(settings, identity),
-                      remote=request.remote)
-    try:
-        await session.run()
-    finally:
-        request.app[WEBSOCKETS].discard(ws)
-    return ws
+class ConfigError(Exception):
+    """Settings that Chorus refuses to run with."""
 
 
 def ice_servers_for(settings: Settings, identity: str) -> list[dict[str, Any]]:
@@ -52,11 +51,55 @@ def ice_servers_for(settings: Settings, identity: str) -> list[dict[str, Any]]:
     )
 
 
+def token_verifier(settings: Settings) -> auth.Verify:
+    """Token verification for these settings: real with a secret, allow-all in dev mode."""
+    secret = settings.auth_secret
+    if secret is None:
+        return lambda token: auth.DEV_GRANTS
+    return lambda token: auth.verify_token(secret, token)
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    ws = web.WebSocketResponse(heartbeat=15.0, max_msg_size=settings.max_message_bytes)
+    await ws.prepare(request)
+    app[WEBSOCKETS].add(ws)
+    app[METRICS].sessions.inc()
+    errors = app[METRICS].errors
+    session = Session(
+        ws,
+        app[REGISTRY],
+        ice_servers=lambda identity: ice_servers_for(settings, identity),
+        verify_token=token_verifier(settings),
+        remote=request.remote,
+        on_error=lambda code: errors.labels(code).inc(),
+    )
+    try:
+        await session.run()
+    finally:
+        app[WEBSOCKETS].discard(ws)
+    return ws
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP."""
     registry = request.app[REGISTRY]
     return web.json_response(
         {"status": "ok", "rooms": len(registry.rooms), "peers": sum(len(r.sessions) for r in registry.rooms.values())}
     )
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the media plane passed its startup checks and accepts participants."""
+    if request.app[READY].is_set():
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "starting"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -72,8 +115,21 @@ async def media_plane(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     await aiortc_adapter.check()
     aiortc_adapter.set_host_addresses(settings.ice_host_addresses)
+    if settings.auth_secret is None:
+        logger.warning("DEV MODE: no auth_secret is set; anyone may join any room and use the admin API. "
+                       "Set CHORUS_AUTH_SECRET for any real deployment.")
+    app[READY].set()
     yield
+    app[READY].clear()
     await app[REGISTRY].close()
+
+
+async def webhook_delivery(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[WEBHOOKS].run(), name="webhooks")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def close_websockets(app: web.Application) -> None:
@@ -82,15 +138,32 @@ async def close_websockets(app: web.Application) -> None:
 
 
 def create_app(settings: Settings | None = None) -> web.Application:
+    """
+    Build the Chorus application.
+
+    :raises ConfigError: neither ``auth_secret`` nor ``dev_mode`` is set.
+    """
     settings = settings or Settings()
+    if settings.auth_secret is None and not settings.dev_mode:
+        raise ConfigError("set auth_secret (CHORUS_AUTH_SECRET, at least 32 bytes) to require room tokens, "
+                          "or dev_mode (CHORUS_DEV_MODE=1, or chorus serve --dev) to run without auth")
     app = web.Application(client_max_size=settings.max_message_bytes)
     app[SETTINGS] = settings
-    app[REGISTRY] = RoomRegistry()
+    app[METRICS] = metrics_ = Metrics()
+    app[WEBHOOKS] = WebhookSender(settings.webhook_urls, settings.webhook_secret or settings.auth_secret,
+                                  on_outcome=lambda outcome: metrics_.webhooks.labels(outcome).inc())
+    app[REGISTRY] = RoomRegistry(emit=app[WEBHOOKS].emit)
+    metrics_.watch(app[REGISTRY])
     app[WEBSOCKETS] = weakref.WeakSet()
+    app[READY] = asyncio.Event()
     app.cleanup_ctx.append(media_plane)
+    app.cleanup_ctx.append(webhook_delivery)
     app.on_shutdown.append(close_websockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.add_subapp("/api", create_admin_app(app[REGISTRY], token_verifier(settings)))
     app.router.add_get("/", index)
     app.router.add_static("/", _web_root(settings), show_index=False)
     return app

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from sfu import logs
 
-from .app import create_app
+from . import auth
+from .app import ConfigError, create_app
 from .config import Settings
 
 
@@ -24,23 +25,64 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
     serve.add_argument("--config", help="a TOML or JSON settings file (CHORUS_* env variables override it)")
     serve.add_argument("--print-config", action="store_true", help="print the effective settings and exit")
+    serve.add_argument("--dev", action="store_true", help="dev mode: no auth secret needed (never in production)")
+
+    token = commands.add_parser("token", help="room tokens").add_subparsers(dest="token_command", required=True)
+    create = token.add_parser("create", help="print a signed room token")
+    create.add_argument("--config", help="settings file (for auth_secret; or set CHORUS_AUTH_SECRET)")
+    create.add_argument("--room", help="the room it grants ('*' for any; omit for an admin-only token)")
+    create.add_argument("--identity", required=True, help="who the token is for")
+    create.add_argument("--name", help="display name")
+    create.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    create.add_argument("--no-publish", action="store_true", help="may not publish")
+    create.add_argument("--no-subscribe", action="store_true", help="receives no one")
+    create.add_argument("--admin", action="store_true", help="may use the admin API")
     return parser
+
+
+def token_create(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.auth_secret is None:
+        print("chorus: no auth_secret configured (set CHORUS_AUTH_SECRET)", file=sys.stderr)
+        return 2
+    if args.room is None and not args.admin:
+        print("chorus: --room is required (or --admin for an admin-only token)", file=sys.stderr)
+        return 2
+    print(auth.create_token(
+        settings.auth_secret, identity=args.identity, room=args.room, name=args.name, ttl=args.ttl,
+        can_publish=not args.no_publish, can_subscribe=not args.no_subscribe, admin=args.admin,
+    ))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides: dict[str, object] = {}
+    if args.command == "serve":
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        if args.dev:
+            overrides["dev_mode"] = True
     try:
-        settings = Settings.load(args.config, **overrides)
+        settings = Settings.load(getattr(args, "config", None), **overrides)
     except (ValidationError, OSError, ValueError) as exc:
         print(f"chorus: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if args.command == "token":
+        return token_create(args, settings)
     if args.print_config:
-        print(json.dumps(settings.model_dump(mode="json"), indent=2))
+        shown = settings.model_dump(mode="json")
+        for key in ("auth_secret", "turn_secret", "webhook_secret"):
+            if shown.get(key):
+                shown[key] = "***"  # never print secrets
+        print(json.dumps(shown, indent=2))
         return 0
     logs.configure(settings.log_level, settings.log_format)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"chorus: {exc}", file=sys.stderr)
+        return 2
     print(f"chorus: serving on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    web.run_app(app, host=settings.host, port=settings.port, print=None)
     return 0
 
 

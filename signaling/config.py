@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,27 @@ class Settings(BaseSettings):
         description="ICE servers handed to clients in the join response, e.g. "
         '[{"urls": ["stun:stun.example.org:3478"]}].',
     )
+    # --- auth ---------------------------------------------------------------------------------------------
+    auth_secret: str | None = Field(
+        None, description="HS256 secret (>= 32 bytes) for room tokens. When set, join needs a valid token and "
+        "the admin API an admin token.",
+    )
+    dev_mode: bool = Field(
+        False, description="Run without auth_secret: anyone may join any room and use the admin API. "
+        "Chorus refuses to start with neither auth_secret nor dev_mode.",
+    )
+    webhook_urls: list[str] = Field(default_factory=list, description="URLs that receive event webhooks (POST).")
+    webhook_secret: str | None = Field(
+        None, description="HMAC-SHA256 key for the X-Chorus-Signature header; auth_secret when unset."
+    )
+
+    @field_validator("auth_secret")
+    @classmethod
+    def _long_enough(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) < 32:
+            raise ValueError("auth_secret must be at least 32 bytes")
+        return value
+
     # --- TURN (coturn with use-auth-secret) -------------------------------------------------------------
     turn_secret: str | None = Field(
         None, description="Shared secret with coturn (static-auth-secret). When set, join hands out TURN "

@@ -7,13 +7,17 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sfu import Peer, Producer, Router
+from sfu import NotFoundError, Peer, Producer, Router
 from sfu.logs import PeerLogger
 
 if TYPE_CHECKING:
     from .session import Session
 
 logger = logging.getLogger("chorus.room")
+
+#: ``emit(event, data)``: room-level events for webhooks (room_started, room_finished, participant_joined,
+#: participant_left, track_published).
+Emit = Callable[[str, dict[str, Any]], None]
 
 
 class Room:
@@ -24,12 +28,14 @@ class Room:
     participants. When the last peer leaves, the room closes and ``on_empty`` removes it from the registry.
     """
 
-    def __init__(self, room_id: str, on_empty: Callable[[Room], None]) -> None:
+    def __init__(self, room_id: str, on_empty: Callable[[Room], None], emit: Emit) -> None:
         self.id = room_id
         self.log = PeerLogger(logger, room=room_id)
         self.router = Router(room_id, self, log=PeerLogger("chorus.sfu", room=room_id))
         self.sessions: dict[str, Session] = {}
+        self.closed = False
         self._on_empty = on_empty
+        self._emit = emit
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def broadcast(self, method: str, data: dict[str, Any], *, exclude: str | None = None) -> None:
@@ -37,54 +43,87 @@ class Room:
             if peer_id != exclude:
                 session.notify(method, data)
 
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "participants": [p.describe() for p in self.router.peers.values()]}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # --- membership ------------------------------------------------------------------------------------
 
-    def join(self, session: Session, peer_id: str, name: str) -> Peer:
+    def join(self, session: Session, peer_id: str, name: str, *, subscribe: bool = True) -> Peer:
         """Add a participant for ``session``; the others get ``peer_joined``."""
-        peer = self.router.create_peer(peer_id, name, send_offer=self._send_offer)
+        peer = self.router.create_peer(peer_id, name, send_offer=self._send_offer, subscribe=subscribe)
         self.sessions[peer_id] = session
         self.broadcast("peer_joined", {"peer": peer.describe()}, exclude=peer_id)
         self.log.info("peer joined", peer=peer_id, name=name, peers=len(self.sessions))
+        self._emit("participant_joined", {"room": self.id, "participant": {"id": peer_id, "name": name}})
         return peer
 
     async def leave(self, peer_id: str, reason: str) -> None:
         """Remove a participant: its tracks end for everyone, then ``peer_left``. Idempotent."""
-        if self.sessions.pop(peer_id, None) is None:
+        session = self.sessions.pop(peer_id, None)
+        if session is None:
             return
-        await self.router.remove_peer(peer_id)
+        peer = await self.router.remove_peer(peer_id)
         self.broadcast("peer_left", {"peer_id": peer_id, "reason": reason})
         self.log.info("peer left", peer=peer_id, reason=reason, peers=len(self.sessions))
+        self._emit("participant_left", {"room": self.id, "reason": reason,
+                                        "participant": {"id": peer_id, "name": peer.name if peer else None}})
         if not self.sessions:
-            await self.close()
+            await self.close("empty")
 
-    async def close(self) -> None:
+    async def remove(self, peer_id: str, reason: str) -> None:
+        """The server removes a participant (kicked, connection failed): its session gets ``left``."""
+        session = self.sessions.get(peer_id)
+        if session is None:
+            raise NotFoundError(f"no participant {peer_id!r} in room {self.id!r}")
+        session.removed(reason)
+        await self.leave(peer_id, reason)
+
+    async def close(self, reason: str = "closed") -> None:
+        """Close the room: every participant gets ``left``, the router closes. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for peer_id, session in list(self.sessions.items()):
+            session.removed(reason)
+            peer = self.router.peers.get(peer_id)
+            self._emit("participant_left", {"room": self.id, "reason": reason,
+                                            "participant": {"id": peer_id, "name": peer.name if peer else None}})
+        self.sessions.clear()
         await self.router.close()
         for task in self._tasks:
             task.cancel()
         self._on_empty(self)
 
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "peers": [p.describe() for p in self.router.peers.values()]}
+    def set_muted(self, track_id: str, muted: bool) -> dict[str, Any]:
+        """Pause or resume a track (admin); everyone, its owner included, gets ``track_muted``."""
+        found = self.router.find_producer(track_id)
+        if found is None:
+            raise NotFoundError(f"no track {track_id!r} in room {self.id!r}")
+        peer, producer = found
+        peer.set_muted(producer.id, muted)
+        data = {"peer_id": peer.id, "track_id": producer.id, "muted": muted}
+        self.broadcast("track_muted", data)
+        return data
 
     # --- RouterObserver --------------------------------------------------------------------------------
 
     def producer_added(self, peer: Peer, producer: Producer) -> None:
-        self.broadcast(
-            "track_published",
-            {"peer_id": peer.id, "track": {"id": producer.id, "kind": producer.kind, "muted": producer.paused}},
-            exclude=peer.id,
-        )
+        track = {"id": producer.id, "kind": producer.kind, "muted": producer.paused}
+        self.broadcast("track_published", {"peer_id": peer.id, "track": track}, exclude=peer.id)
+        self._emit("track_published", {"room": self.id, "participant": {"id": peer.id, "name": peer.name},
+                                       "track": {**track, "codec": producer.codec.mimeType}})
 
     def producer_closed(self, peer: Peer, producer: Producer) -> None:
         self.broadcast("track_unpublished", {"peer_id": peer.id, "track_id": producer.id}, exclude=peer.id)
 
     def peer_failed(self, peer: Peer, reason: str) -> None:
-        session = self.sessions.get(peer.id)
-        if session is not None:
-            session.notify("left", {"reason": reason})
-        task = asyncio.ensure_future(self.leave(peer.id, reason))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if peer.id in self.sessions:
+            self._spawn(self.remove(peer.id, reason))
 
     async def _send_offer(self, peer: Peer, sdp: str, consumers: list[dict[str, Any]]) -> None:
         session = self.sessions.get(peer.id)
@@ -95,21 +134,30 @@ class Room:
 class RoomRegistry:
     """The rooms of this process (the embedded, single-node registry)."""
 
-    def __init__(self) -> None:
+    def __init__(self, emit: Emit | None = None) -> None:
         self.rooms: dict[str, Room] = {}
+        self._emit: Emit = emit or (lambda event, data: None)
+
+    def get(self, room_id: str) -> Room:
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise NotFoundError(f"no room {room_id!r}")
+        return room
 
     def get_or_create(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
         if room is None:
-            room = self.rooms[room_id] = Room(room_id, on_empty=self._remove)
+            room = self.rooms[room_id] = Room(room_id, on_empty=self._remove, emit=self._emit)
             room.log.info("room created")
+            self._emit("room_started", {"room": room_id})
         return room
 
     def _remove(self, room: Room) -> None:
         if self.rooms.get(room.id) is room:
             del self.rooms[room.id]
             room.log.info("room closed")
+            self._emit("room_finished", {"room": room.id})
 
     async def close(self) -> None:
         for room in list(self.rooms.values()):
-            await room.close()
+            await room.close("server shutdown")

@@ -16,6 +16,7 @@ from sfu.peer import new_id
 
 from . import protocol
 from .protocol import ProtocolError, bad_request, get_bool, get_optional_str, get_sdp, get_str
+from .auth import Grants, forbidden
 from .room import Room, RoomRegistry
 
 logger = logging.getLogger("chorus.session")
@@ -36,11 +37,15 @@ class Session:
     """
 
     def __init__(self, ws: web.WebSocketResponse, registry: RoomRegistry, *,
-                 ice_servers: Callable[[str], list[dict[str, Any]]], remote: str | None) -> None:
+                 ice_servers: Callable[[str], list[dict[str, Any]]], verify_token: Callable[[object], Grants],
+                 remote: str | None, on_error: Callable[[str], None] = lambda code: None) -> None:
         self.ws = ws
         self.registry = registry
         self.room: Room | None = None
         self.peer: Peer | None = None
+        self.grants: Grants | None = None
+        self._verify_token = verify_token
+        self._on_error = on_error
         self.log = PeerLogger(logger, remote=remote)
         self._ice_servers = ice_servers
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
@@ -109,9 +114,11 @@ class Session:
             self._send(protocol.response(request_id, data))
         except ChorusError as exc:
             request_id = getattr(exc, "request_id", request_id)
+            self._on_error(exc.code)
             self._send(protocol.error_response(request_id, exc.code, exc.reason))
         except Exception:
             self.log.error("request failed", exc_info=True, request=request_id)
+            self._on_error("internal_error")
             self._send(protocol.error_response(request_id, "internal_error", "the server failed to handle this"))
 
     # --- helpers ---------------------------------------------------------------------------------------
@@ -120,6 +127,12 @@ class Session:
         if self.room is None or self.peer is None:
             raise ProtocolError("invalid_state", "join a room first")
         return self.room, self.peer
+
+    def removed(self, reason: str) -> None:
+        """The server took this session's peer out of its room (kicked, failed, room closed)."""
+        self.room = self.peer = None
+        self.grants = None
+        self.notify("left", {"reason": reason})
 
     async def _leave(self, reason: str) -> None:
         room, peer = self.room, self.peer
@@ -136,24 +149,34 @@ class Session:
         if version != protocol.PROTOCOL_VERSION:
             raise ProtocolError("unsupported_version", f"protocol version {version!r} is not supported; use 1")
         room_id = get_str(data, "room", max_len=64, pattern=protocol.ROOM_RE)
-        name = get_str(data, "name", max_len=64)
-        get_optional_str(data, "token", max_len=4096)  # room tokens: see the auth issue
+        name = get_optional_str(data, "name", max_len=64) if data.get("name") != "" else None
+        # The token is checked before anything is allocated for this participant.
+        grants = self._verify_token(data.get("token"))
+        grants.check_room(room_id)
+        name = name or grants.name or grants.identity
+        if not name:
+            raise bad_request("'name' must be a non-empty string")
         room = self.registry.get_or_create(room_id)
         others = [p.describe() for p in room.router.peers.values()]
         peer_id = new_id("p")
         self.log = self.log.bind(room=room_id, peer=peer_id)
         self.room = room
-        self.peer = room.join(self, peer_id, name)
+        self.grants = grants
+        self.peer = room.join(self, peer_id, name, subscribe=grants.can_subscribe)
         return {
             "v": protocol.PROTOCOL_VERSION,
             "peer_id": peer_id,
             "room": room_id,
             "peers": others,
             "ice_servers": self._ice_servers(peer_id),
+            "can_publish": grants.can_publish,
+            "can_subscribe": grants.can_subscribe,
         }
 
     async def on_publish(self, data: dict[str, Any]) -> dict[str, Any]:
         _, peer = self._joined()
+        if self.grants is not None and not self.grants.can_publish:
+            raise forbidden("your token does not grant publishing")
         sdp = get_sdp(data, "offer")
         answer, producers = await peer.publish(sdp)
         return {

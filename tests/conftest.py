@@ -40,7 +40,7 @@ class ServerProcess:
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "CHORUS_LOG_LEVEL": "info", **(env or {})},
+            env={**os.environ, "CHORUS_LOG_LEVEL": "info", "CHORUS_DEV_MODE": "1", **(env or {})},
         )
         deadline = time.monotonic() + 20
         while True:

@@ -69,7 +69,9 @@ async def test_closed_tab_leaves_the_call(server: ServerProcess, browser: object
         await page.wait_for_function(  # type: ignore[attr-defined]
             f"({INBOUND_STATS})().then(s => s.video_streams >= 1)", timeout=15000, polling=250
         )
-    assert await stay.locator(".tile.remote").count() == 1  # type: ignore[attr-defined]
+    await stay.wait_for_function(  # type: ignore[attr-defined]
+        "document.querySelectorAll('.tile.remote').length === 1", timeout=5000, polling=50
+    )
     closed_at = time.monotonic()
     await gone.context.close()  # type: ignore[attr-defined]
     await stay.wait_for_function(  # type: ignore[attr-defined]
