@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
-SYSTEM_PACKAGES := chromium coturn
+SYSTEM_PACKAGES := chromium coturn docker-compose
 
 .PHONY: run test install system-deps lint clean
 
@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# System packages (Debian): a real Chromium for browser tests, coturn for TURN tests. Skipped when present.
+# System packages (Debian): Chromium for browser tests, coturn for TURN tests, docker-compose to validate
+# docker-compose.yml (no engine runs). Skipped when already present.
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
