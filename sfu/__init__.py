@@ -6,7 +6,14 @@ Chorus media plane: a selective forwarding unit on top of aiortc.
 """
 
 from .consumer import Consumer
-from .errors import ChorusError, InvalidSdpError, InvalidStateError, NotFoundError, UnsupportedCodecError
+from .errors import (
+    ChorusError,
+    InvalidSdpError,
+    InvalidStateError,
+    LimitError,
+    NotFoundError,
+    UnsupportedCodecError,
+)
 from .peer import Peer
 from .producer import Producer
 from .router import Router, RouterObserver
@@ -16,6 +23,7 @@ __all__ = [
     "Consumer",
     "InvalidSdpError",
     "InvalidStateError",
+    "LimitError",
     "NotFoundError",
     "Peer",
     "Producer",

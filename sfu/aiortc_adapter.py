@@ -20,6 +20,8 @@ What is used, and why:
 * ``RTCDtlsTransport._send_rtp`` — SRTP-protect and send one packet.
 * ``aioice.ice.get_host_addresses`` — to choose which host addresses the server advertises (aioice leaves
   loopback out, which a local browser needs).
+* ``aioice.ice.StunProtocol.datagram_received`` — wrapped so a malformed datagram cannot raise into the
+  event loop (see :func:`guard_stun_parsing`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ async def check() -> None:
     for module, name in (
         (aiortc.rtcrtpreceiver, "decoder_worker"),
         (aioice.ice, "get_host_addresses"),
+        (aioice.ice, "StunProtocol"),
         (aiortc.rtp, "unwrap_rtx"),
     ):
         if not hasattr(module, name):
@@ -182,6 +185,11 @@ def hook_receiver_rtp(receiver: RTCRtpReceiver, handler: RtpHandler) -> RtpHandl
     return original
 
 
+def unhook_receiver_rtp(receiver: RTCRtpReceiver) -> None:
+    """Undo :func:`hook_receiver_rtp` (drops the reference to the handler and what it holds)."""
+    receiver.__dict__.pop("_handle_rtp_packet", None)
+
+
 def receiver_codecs(receiver: RTCRtpReceiver) -> dict[int, RTCRtpCodecParameters]:
     """Payload type → negotiated codec of a started receiver."""
     codecs: dict[int, RTCRtpCodecParameters] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
@@ -207,6 +215,11 @@ def hook_sender_rtcp(sender: RTCRtpSender, handler: RtcpHandler) -> RtcpHandler:
     original: RtcpHandler = sender._handle_rtcp_packet
     sender._handle_rtcp_packet = handler  # type: ignore[method-assign]
     return original
+
+
+def unhook_sender_rtcp(sender: RTCRtpSender) -> None:
+    """Undo :func:`hook_sender_rtcp`."""
+    sender.__dict__.pop("_handle_rtcp_packet", None)
 
 
 def sender_started(sender: RTCRtpSender) -> bool:
@@ -248,3 +261,42 @@ def transceiver_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParame
 async def send_rtp(sender: RTCRtpSender, data: bytes) -> None:
     """SRTP-protect and send one serialized RTP packet on the sender's transport."""
     await sender.transport._send_rtp(data)
+
+
+# --- hardening ----------------------------------------------------------------------------------------
+
+_stun_guard_installed = False
+
+
+def guard_stun_parsing(log_every: float = 10.0) -> None:
+    """
+    Keep malformed datagrams from raising into the event loop.
+
+    aioice's STUN parser raises ``struct.error``/``IndexError`` (not only ``ValueError``) on some truncated
+    attributes, and that escapes ``StunProtocol.datagram_received``: asyncio then logs a traceback per
+    datagram. The wrapper drops such datagrams and logs one line per ``log_every`` seconds with a count.
+    """
+    global _stun_guard_installed
+    if _stun_guard_installed:
+        return
+    import logging
+    import time
+
+    log = logging.getLogger("chorus.sfu.ice")
+    original = aioice.ice.StunProtocol.datagram_received
+    state = {"dropped": 0, "last_log": 0.0}
+
+    def datagram_received(self: Any, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        try:
+            original(self, data, addr)
+        except Exception as exc:  # noqa: BLE001 - any parser failure means "not a datagram we can use"
+            state["dropped"] += 1
+            now = time.monotonic()
+            if now - state["last_log"] >= log_every:
+                log.warning("dropped malformed datagrams", extra={"chorus": {
+                    "count": state["dropped"], "last_error": type(exc).__name__, "from": addr[0]}})
+                state["last_log"] = now
+                state["dropped"] = 0
+
+    aioice.ice.StunProtocol.datagram_received = datagram_received  # type: ignore[method-assign]
+    _stun_guard_installed = True

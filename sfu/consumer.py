@@ -234,6 +234,7 @@ class Consumer:
         self.closed = True
         self.producer.remove_consumer(self)
         self._cache = []
+        adapter.unhook_sender_rtcp(self._sender)
         TOTALS.packets_forwarded += self.stats.packets
         TOTALS.bytes_forwarded += self.stats.bytes
         TOTALS.nacks += self.stats.nacks

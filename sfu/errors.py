@@ -35,3 +35,9 @@ class NotFoundError(ChorusError):
     """The named object does not exist (or does not belong to the caller)."""
 
     code = "not_found"
+
+
+class LimitError(ChorusError):
+    """A configured limit would be exceeded (rooms, peers per room, tracks per peer, SDP size)."""
+
+    code = "limit_exceeded"

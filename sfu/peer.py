@@ -18,7 +18,7 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from . import aiortc_adapter as adapter
 from .consumer import Consumer, IdleTrack
-from .errors import InvalidSdpError, InvalidStateError, NotFoundError, UnsupportedCodecError
+from .errors import InvalidSdpError, InvalidStateError, LimitError, NotFoundError, UnsupportedCodecError
 from .logs import PeerLogger
 from .producer import Producer
 from .rtp import is_forwardable, same_codec
@@ -26,7 +26,12 @@ from .rtp import is_forwardable, same_codec
 #: How long a subscriber may take to answer the server's offer before it is considered broken.
 ANSWER_TIMEOUT = 15.0
 
-OfferSender = Callable[["Peer", str, list[dict[str, Any]]], Awaitable[None]]
+#: ``send_offer(peer, sdp, consumers, restart)``: deliver a subscribe offer to the client; ``restart``
+#: means "answer it on a new RTCPeerConnection".
+OfferSender = Callable[["Peer", str, list[dict[str, Any]], bool], Awaitable[None]]
+
+#: Inactive m-sections a subscribe connection may accumulate before it is replaced (see Peer._compact).
+MAX_INACTIVE_SECTIONS = 16
 
 
 def new_id(prefix: str) -> str:
@@ -90,6 +95,8 @@ class Peer:
         self._negotiation_task: asyncio.Task[None] | None = None
         self._answer: asyncio.Future[None] | None = None
         self._publish_lock = asyncio.Lock()
+        self._inactive_sections = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
         return f"Peer(id={self.id}, name={self.name!r})"
@@ -121,7 +128,7 @@ class Peer:
                     self._publish_pc = None
                     for producer in list(self.producers.values()):
                         producer.close()
-                elif role == "subscribe":
+                elif role == "subscribe" and pc is self._subscribe_pc:
                     self._fail("subscribe connection closed by the client")
 
         return pc
@@ -133,20 +140,24 @@ class Peer:
 
     # --- publish -----------------------------------------------------------------------------------------
 
-    async def publish(self, offer_sdp: str) -> tuple[str, list[Producer]]:
+    async def publish(self, offer_sdp: str, *, max_tracks: int = 4) -> tuple[str, list[Producer]]:
         """
         Apply the client's offer on the publish connection and answer it.
 
         :returns: the answer SDP and the producers created for new m-sections.
         :raises InvalidSdpError: the offer cannot be parsed or applied.
         :raises UnsupportedCodecError: an m-section has no codec Chorus forwards.
+        :raises LimitError: the peer would publish more than ``max_tracks`` tracks.
         """
         if self.closed:
             raise InvalidStateError("peer is closed")
         offer_sdp = _strip_mdns_candidates(offer_sdp)
         media = parse_sdp(offer_sdp).media
-        if not any(m.kind in ("audio", "video") for m in media):
+        tracks = sum(1 for m in media if m.kind in ("audio", "video"))
+        if not tracks:
             raise InvalidSdpError("the offer has no audio or video m-section to publish")
+        if tracks > max_tracks:
+            raise LimitError(f"at most {max_tracks} tracks may be published, the offer has {tracks}")
         async with self._publish_lock:
             if self._publish_pc is None:
                 self._publish_pc = self._new_pc("publish")
@@ -214,6 +225,11 @@ class Peer:
         """Start forwarding ``producer`` to this peer: adds an m-section and renegotiates."""
         if self.closed:
             raise InvalidStateError("peer is closed")
+        consumer = self._add_consumer(producer)
+        self._negotiate_soon()
+        return consumer
+
+    def _add_consumer(self, producer: Producer) -> Consumer:
         if self._subscribe_pc is None:
             self._subscribe_pc = self._new_pc("subscribe")
         transceiver = self._subscribe_pc.addTransceiver(IdleTrack(producer.kind), direction="sendonly")
@@ -227,7 +243,6 @@ class Peer:
         self.consumers[consumer.id] = consumer
         producer.add_consumer(consumer)
         self._log.debug("consumer created", consumer=consumer.id, producer=producer.id)
-        self._negotiate_soon()
         return consumer
 
     def _consumer_closed(self, consumer: Consumer) -> None:
@@ -237,13 +252,40 @@ class Peer:
             return
         if not self.closed:
             consumer.transceiver.direction = "inactive"
+            self._inactive_sections += 1
             # Stopping the sender sends RTCP BYE, which ends the track at the subscriber right away.
             self._spawn(consumer.transceiver.sender.stop())
             self._negotiate_soon()
 
+    def _compact(self) -> None:
+        """
+        Move every live consumer to a fresh subscribe connection (offered with ``restart``).
+
+        aiortc cannot remove m-sections: each track that ends leaves an inactive one behind, and in a long
+        call with people coming and going the subscribe SDP would grow without bound. Past
+        :data:`MAX_INACTIVE_SECTIONS` the subscriber gets a new connection with only the live tracks; its
+        media pauses for about one round trip plus a keyframe.
+        """
+        old_pc = self._subscribe_pc
+        producers = [c.producer for c in self.consumers.values()]
+        consumers, self.consumers = self.consumers, {}
+        for consumer in consumers.values():
+            consumer.close()  # no longer in self.consumers: no renegotiation is triggered
+        self._subscribe_pc = None
+        for producer in producers:
+            if not producer.closed:
+                self._add_consumer(producer)
+        if self._subscribe_pc is None:
+            self._subscribe_pc = self._new_pc("subscribe")
+        self._inactive_sections = 0
+        self._log.info("subscribe connection compacted", consumers=len(self.consumers))
+        if old_pc is not None:
+            self._spawn(old_pc.close())
+
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _negotiate_soon(self) -> None:
         self._negotiation_needed = True
@@ -251,18 +293,21 @@ class Peer:
             self._negotiation_task = asyncio.create_task(self._negotiate(), name=f"negotiate {self.id}")
 
     async def _negotiate(self) -> None:
-        assert self._subscribe_pc is not None
-        pc = self._subscribe_pc
         try:
             while self._negotiation_needed and not self.closed:
                 self._negotiation_needed = False
+                restart = self._inactive_sections >= MAX_INACTIVE_SECTIONS
+                if restart:
+                    self._compact()
+                pc = self._subscribe_pc
+                assert pc is not None
                 await pc.setLocalDescription(await pc.createOffer())
                 consumers = [
                     {"mid": c.mid, "track_id": c.producer.id, "peer_id": c.producer.peer_id, "kind": c.kind}
                     for c in self.consumers.values()
                 ]
                 self._answer = asyncio.get_running_loop().create_future()
-                await self._send_offer(self, pc.localDescription.sdp, consumers)
+                await self._send_offer(self, pc.localDescription.sdp, consumers, restart)
                 try:
                     await asyncio.wait_for(asyncio.shield(self._answer), ANSWER_TIMEOUT)
                 except asyncio.TimeoutError:
@@ -323,6 +368,8 @@ class Peer:
         self.closed = True
         if self._negotiation_task is not None:
             self._negotiation_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         for producer in list(self.producers.values()):
             producer.close()
         for consumer in list(self.consumers.values()):

@@ -152,6 +152,7 @@ class Producer:
         for consumer in list(self.consumers.values()):
             consumer.close()
         self.consumers.clear()
+        adapter.unhook_receiver_rtp(self._receiver)
         TOTALS.packets_received += self.stats.packets
         TOTALS.bytes_received += self.stats.bytes
         TOTALS.keyframe_requests += self.stats.keyframe_requests

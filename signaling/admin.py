@@ -12,6 +12,7 @@ from aiohttp import web
 
 from sfu import ChorusError
 
+from . import resources
 from .auth import Verify, forbidden
 from .room import RoomRegistry
 
@@ -74,6 +75,11 @@ async def mute_track(request: web.Request) -> web.Response:
     return web.json_response(room.set_muted(request.match_info["track"], body["muted"]))
 
 
+async def process_stats(request: web.Request) -> web.Response:
+    """Resource counts of this process, for leak checks: objects, tasks, file descriptors, sockets, memory."""
+    return web.json_response(resources.snapshot())
+
+
 def create_admin_app(registry: RoomRegistry, verify: Verify) -> web.Application:
     """The admin API as a sub-application, mounted at ``/api``."""
     app = web.Application(middlewares=[admin_auth])
@@ -84,5 +90,6 @@ def create_admin_app(registry: RoomRegistry, verify: Verify) -> web.Application:
     app.router.add_delete("/rooms/{room}", close_room)
     app.router.add_delete("/rooms/{room}/participants/{participant}", kick)
     app.router.add_post("/rooms/{room}/tracks/{track}/mute", mute_track)
+    app.router.add_get("/debug/process", process_stats)
     return app
 

@@ -18,6 +18,7 @@ from turn import credentials as turn_credentials
 from . import auth
 from .admin import create_admin_app
 from .config import Settings
+from .limits import RateLimiter
 from .metrics import Metrics
 from .room import RoomRegistry
 from .session import Session
@@ -33,6 +34,7 @@ METRICS = web.AppKey("metrics", Metrics)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
 READY = web.AppKey("ready", asyncio.Event)
+JOIN_LIMITER = web.AppKey("join_limiter", RateLimiter)
 
 
 class ConfigError(Exception):
@@ -62,6 +64,9 @@ def token_verifier(settings: Settings) -> auth.Verify:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     settings = app[SETTINGS]
+    origin = request.headers.get("Origin")
+    if settings.allowed_origins is not None and origin is not None and origin not in settings.allowed_origins:
+        raise web.HTTPForbidden(text=f"origin {origin!r} is not allowed\n")
     ws = web.WebSocketResponse(heartbeat=15.0, max_msg_size=settings.max_message_bytes)
     await ws.prepare(request)
     app[WEBSOCKETS].add(ws)
@@ -70,9 +75,11 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     session = Session(
         ws,
         app[REGISTRY],
+        settings,
         ice_servers=lambda identity: ice_servers_for(settings, identity),
         verify_token=token_verifier(settings),
         remote=request.remote,
+        join_limiter=app[JOIN_LIMITER],
         on_error=lambda code: errors.labels(code).inc(),
     )
     try:
@@ -115,6 +122,7 @@ async def media_plane(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     await aiortc_adapter.check()
     aiortc_adapter.set_host_addresses(settings.ice_host_addresses)
+    aiortc_adapter.guard_stun_parsing()
     if settings.auth_secret is None:
         logger.warning("DEV MODE: no auth_secret is set; anyone may join any room and use the admin API. "
                        "Set CHORUS_AUTH_SECRET for any real deployment.")
@@ -152,7 +160,9 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[METRICS] = metrics_ = Metrics()
     app[WEBHOOKS] = WebhookSender(settings.webhook_urls, settings.webhook_secret or settings.auth_secret,
                                   on_outcome=lambda outcome: metrics_.webhooks.labels(outcome).inc())
-    app[REGISTRY] = RoomRegistry(emit=app[WEBHOOKS].emit)
+    app[REGISTRY] = RoomRegistry(emit=app[WEBHOOKS].emit, max_rooms=settings.max_rooms,
+                                 max_peers_per_room=settings.max_peers_per_room)
+    app[JOIN_LIMITER] = RateLimiter(settings.join_rate_per_ip, settings.join_burst_per_ip)
     metrics_.watch(app[REGISTRY])
     app[WEBSOCKETS] = weakref.WeakSet()
     app[READY] = asyncio.Event()

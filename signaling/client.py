@@ -191,11 +191,19 @@ class ChorusClient:
             bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
         )
 
-    async def join(self, room: str, name: str, *, token: str | None = None) -> dict[str, Any]:
-        """Join ``room``; returns the join response (``peer_id``, ``peers``, ``ice_servers``)."""
+    async def join(self, room: str, name: str, *, token: str | None = None,
+                   identity: str | None = None) -> dict[str, Any]:
+        """
+        Join ``room``; returns the join response (``peer_id``, ``peers``, ``ice_servers``).
+
+        :param identity: who this is across reconnections (dev mode; a token carries its own): joining again
+            with the same identity replaces the earlier session instead of adding a duplicate.
+        """
         data: dict[str, Any] = {"v": 1, "room": room, "name": name}
         if token is not None:
             data["token"] = token
+        if identity is not None:
+            data["identity"] = identity
         self.joined = await self.request("join", data)
         self.peer_id = self.joined["peer_id"]
         self.room = room
@@ -241,6 +249,11 @@ class ChorusClient:
     async def _answer_offers(self) -> None:
         while True:
             offer = await self._offers.get()
+            if offer.get("restart") and self.subscribe_pc is not None:
+                # The server moved our tracks to a new connection: answer it on a fresh one.
+                old, self.subscribe_pc = self.subscribe_pc, None
+                self._consumers.clear()
+                await old.close()
             if self.subscribe_pc is None:
                 self.subscribe_pc = RTCPeerConnection(self._configuration())
                 self.subscribe_pc.on("track", self._on_remote_track)

@@ -77,6 +77,19 @@ class Settings(BaseSettings):
     turn_total_quota: int = Field(1200, ge=0, description="Max allocations in total (0: unlimited).")
     turn_max_bps: int = Field(0, ge=0, description="Max bytes/s per TURN session (0: unlimited).")
 
+    # --- limits (one client must never hurt another) -----------------------------------------------------
+    max_sdp_bytes: int = Field(64 * 1024, ge=1024, description="Largest SDP accepted.")
+    max_sdp_lines: int = Field(2000, ge=20, description="Most lines in an SDP accepted.")
+    max_rooms: int = Field(1000, ge=1, description="Rooms this node hosts at most.")
+    max_peers_per_room: int = Field(100, ge=1, description="Participants per room at most.")
+    max_tracks_per_peer: int = Field(4, ge=1, description="Tracks one participant may publish at most.")
+    join_rate_per_ip: float = Field(5.0, gt=0, description="Joins per second allowed per client IP (sustained).")
+    join_burst_per_ip: int = Field(20, ge=1, description="Joins allowed per client IP in a burst.")
+    allowed_origins: list[str] | None = Field(
+        None, description="If set, websocket upgrades whose Origin header is not in this list are refused "
+        "(403). Requests without an Origin (non-browser clients) are allowed.",
+    )
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest websocket message accepted.")

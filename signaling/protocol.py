@@ -109,14 +109,16 @@ def get_bool(data: dict[str, Any], key: str) -> bool:
     return value
 
 
-def get_sdp(data: dict[str, Any], expected_type: str, *, max_len: int = 64 * 1024) -> str:
+def get_sdp(data: dict[str, Any], expected_type: str, *, max_len: int = 64 * 1024, max_lines: int = 2000) -> str:
     if data.get("type", expected_type) != expected_type:
         raise bad_request(f"'type' must be \"{expected_type}\"")
     sdp = data.get("sdp")
     if not isinstance(sdp, str) or not sdp.strip():
         raise bad_request("'sdp' must be a non-empty string")
     if len(sdp) > max_len:
-        raise bad_request(f"'sdp' is longer than {max_len} characters")
+        raise ProtocolError("limit_exceeded", f"'sdp' is longer than {max_len} characters")
+    if sdp.count("\n") > max_lines:
+        raise ProtocolError("limit_exceeded", f"'sdp' has more than {max_lines} lines")
     if not sdp.startswith("v=0"):
         raise ProtocolError("invalid_sdp", "SDP must start with 'v=0'")
     return sdp

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sfu import NotFoundError, Peer, Producer, Router
+from sfu import LimitError, NotFoundError, Peer, Producer, Router
 from sfu.logs import PeerLogger
 
 if TYPE_CHECKING:
@@ -28,8 +28,11 @@ class Room:
     participants. When the last peer leaves, the room closes and ``on_empty`` removes it from the registry.
     """
 
-    def __init__(self, room_id: str, on_empty: Callable[[Room], None], emit: Emit) -> None:
+    def __init__(self, room_id: str, on_empty: Callable[[Room], None], emit: Emit, *, max_peers: int = 100) -> None:
         self.id = room_id
+        self.max_peers = max_peers
+        #: identity → peer id, for identities that were stated (token or join)
+        self.identities: dict[str, str] = {}
         self.log = PeerLogger(logger, room=room_id)
         self.router = Router(room_id, self, log=PeerLogger("chorus.sfu", room=room_id))
         self.sessions: dict[str, Session] = {}
@@ -53,10 +56,23 @@ class Room:
 
     # --- membership ------------------------------------------------------------------------------------
 
-    def join(self, session: Session, peer_id: str, name: str, *, subscribe: bool = True) -> Peer:
-        """Add a participant for ``session``; the others get ``peer_joined``."""
+    async def join(self, session: Session, peer_id: str, name: str, *, identity: str | None = None,
+                   subscribe: bool = True) -> Peer:
+        """
+        Add a participant for ``session``; the others get ``peer_joined``. A participant already here with
+        the same ``identity`` is removed first (reason ``replaced``): it is the same person reconnecting.
+
+        :raises LimitError: the room is full.
+        """
+        stale = self.identities.get(identity) if identity else None
+        if stale is not None and stale in self.sessions:
+            await self.remove(stale, "replaced")
+        if len(self.sessions) >= self.max_peers:
+            raise LimitError(f"room {self.id!r} is full ({self.max_peers} participants)")
         peer = self.router.create_peer(peer_id, name, send_offer=self._send_offer, subscribe=subscribe)
         self.sessions[peer_id] = session
+        if identity:
+            self.identities[identity] = peer_id
         self.broadcast("peer_joined", {"peer": peer.describe()}, exclude=peer_id)
         self.log.info("peer joined", peer=peer_id, name=name, peers=len(self.sessions))
         self._emit("participant_joined", {"room": self.id, "participant": {"id": peer_id, "name": name}})
@@ -67,6 +83,9 @@ class Room:
         session = self.sessions.pop(peer_id, None)
         if session is None:
             return
+        for identity, holder in list(self.identities.items()):
+            if holder == peer_id:
+                del self.identities[identity]
         peer = await self.router.remove_peer(peer_id)
         self.broadcast("peer_left", {"peer_id": peer_id, "reason": reason})
         self.log.info("peer left", peer=peer_id, reason=reason, peers=len(self.sessions))
@@ -125,17 +144,19 @@ class Room:
         if peer.id in self.sessions:
             self._spawn(self.remove(peer.id, reason))
 
-    async def _send_offer(self, peer: Peer, sdp: str, consumers: list[dict[str, Any]]) -> None:
+    async def _send_offer(self, peer: Peer, sdp: str, consumers: list[dict[str, Any]], restart: bool) -> None:
         session = self.sessions.get(peer.id)
         if session is not None:
-            session.notify("offer", {"type": "offer", "sdp": sdp, "consumers": consumers})
+            session.notify("offer", {"type": "offer", "sdp": sdp, "consumers": consumers, "restart": restart})
 
 
 class RoomRegistry:
     """The rooms of this process (the embedded, single-node registry)."""
 
-    def __init__(self, emit: Emit | None = None) -> None:
+    def __init__(self, emit: Emit | None = None, *, max_rooms: int = 1000, max_peers_per_room: int = 100) -> None:
         self.rooms: dict[str, Room] = {}
+        self.max_rooms = max_rooms
+        self.max_peers_per_room = max_peers_per_room
         self._emit: Emit = emit or (lambda event, data: None)
 
     def get(self, room_id: str) -> Room:
@@ -147,7 +168,10 @@ class RoomRegistry:
     def get_or_create(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
         if room is None:
-            room = self.rooms[room_id] = Room(room_id, on_empty=self._remove, emit=self._emit)
+            if len(self.rooms) >= self.max_rooms:
+                raise LimitError(f"this server hosts its maximum of {self.max_rooms} rooms")
+            room = self.rooms[room_id] = Room(room_id, on_empty=self._remove, emit=self._emit,
+                                              max_peers=self.max_peers_per_room)
             room.log.info("room created")
             self._emit("room_started", {"room": room_id})
         return room

@@ -17,6 +17,8 @@ from sfu.peer import new_id
 from . import protocol
 from .protocol import ProtocolError, bad_request, get_bool, get_optional_str, get_sdp, get_str
 from .auth import Grants, forbidden
+from .config import Settings
+from .limits import RateLimiter
 from .room import Room, RoomRegistry
 
 logger = logging.getLogger("chorus.session")
@@ -36,11 +38,15 @@ class Session:
     TaskGroup; when the socket closes, the peer leaves its room.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, registry: RoomRegistry, *,
+    def __init__(self, ws: web.WebSocketResponse, registry: RoomRegistry, settings: Settings, *,
                  ice_servers: Callable[[str], list[dict[str, Any]]], verify_token: Callable[[object], Grants],
-                 remote: str | None, on_error: Callable[[str], None] = lambda code: None) -> None:
+                 remote: str | None, join_limiter: RateLimiter | None = None,
+                 on_error: Callable[[str], None] = lambda code: None) -> None:
         self.ws = ws
         self.registry = registry
+        self.settings = settings
+        self.remote = remote or "?"
+        self._join_limiter = join_limiter
         self.room: Room | None = None
         self.peer: Peer | None = None
         self.grants: Grants | None = None
@@ -148,21 +154,27 @@ class Session:
         version = data.get("v", protocol.PROTOCOL_VERSION)
         if version != protocol.PROTOCOL_VERSION:
             raise ProtocolError("unsupported_version", f"protocol version {version!r} is not supported; use 1")
+        if self._join_limiter is not None and not self._join_limiter.allow(self.remote):
+            raise ProtocolError("rate_limited", "too many joins from your address; slow down")
         room_id = get_str(data, "room", max_len=64, pattern=protocol.ROOM_RE)
         name = get_optional_str(data, "name", max_len=64) if data.get("name") != "" else None
         # The token is checked before anything is allocated for this participant.
         grants = self._verify_token(data.get("token"))
         grants.check_room(room_id)
+        # Who this is: the token's identity, or (dev mode) one the client states. A second join with the
+        # same identity replaces the first (a client reconnecting before its old session timed out).
+        identity = grants.identity or get_optional_str(data, "identity", max_len=64)
         name = name or grants.name or grants.identity
         if not name:
             raise bad_request("'name' must be a non-empty string")
         room = self.registry.get_or_create(room_id)
-        others = [p.describe() for p in room.router.peers.values()]
         peer_id = new_id("p")
+        peer = await room.join(self, peer_id, name, identity=identity, subscribe=grants.can_subscribe)
+        others = [p.describe() for p in room.router.peers.values() if p is not peer]
         self.log = self.log.bind(room=room_id, peer=peer_id)
         self.room = room
         self.grants = grants
-        self.peer = room.join(self, peer_id, name, subscribe=grants.can_subscribe)
+        self.peer = peer
         return {
             "v": protocol.PROTOCOL_VERSION,
             "peer_id": peer_id,
@@ -177,8 +189,8 @@ class Session:
         _, peer = self._joined()
         if self.grants is not None and not self.grants.can_publish:
             raise forbidden("your token does not grant publishing")
-        sdp = get_sdp(data, "offer")
-        answer, producers = await peer.publish(sdp)
+        sdp = get_sdp(data, "offer", max_len=self.settings.max_sdp_bytes, max_lines=self.settings.max_sdp_lines)
+        answer, producers = await peer.publish(sdp, max_tracks=self.settings.max_tracks_per_peer)
         return {
             "type": "answer",
             "sdp": answer,
@@ -187,7 +199,8 @@ class Session:
 
     async def on_answer(self, data: dict[str, Any]) -> dict[str, Any]:
         _, peer = self._joined()
-        await peer.answer(get_sdp(data, "answer"))
+        await peer.answer(get_sdp(data, "answer", max_len=self.settings.max_sdp_bytes,
+                                  max_lines=self.settings.max_sdp_lines))
         return {}
 
     async def on_trickle(self, data: dict[str, Any]) -> dict[str, Any]:

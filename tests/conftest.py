@@ -40,7 +40,8 @@ class ServerProcess:
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "CHORUS_LOG_LEVEL": "info", "CHORUS_DEV_MODE": "1", **(env or {})},
+            env={**os.environ, "CHORUS_LOG_LEVEL": "info", "CHORUS_DEV_MODE": "1", "CHORUS_JOIN_RATE_PER_IP": "1000",
+                 "CHORUS_JOIN_BURST_PER_IP": "1000", **(env or {})},
         )
         deadline = time.monotonic() + 20
         while True:

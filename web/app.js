@@ -130,7 +130,10 @@ async function start({ room, name, token }) {
   $('cam-button').disabled = !localStream?.getVideoTracks().length;
 
   try {
-    await client.join({ room, name, token });
+    // One identity per tab, kept across reloads: a reloaded tab replaces its own ghost at once.
+    const identity = sessionStorage.getItem('chorus-identity') || `id-${Math.random().toString(36).slice(2, 12)}`;
+    sessionStorage.setItem('chorus-identity', identity);
+    await client.join({ room, name, token, identity });
     if (localStream) await client.publish(localStream);
     window.chorusReady = true;
   } catch (error) {

@@ -152,12 +152,17 @@ export class RoomClient extends Emitter {
     this._offers = Promise.resolve(); // offers are handled one at a time, in order
   }
 
-  /** Join a room; resolves with the join response. */
-  async join({ room, name, token } = {}) {
+  /**
+   * Join a room; resolves with the join response. `identity` names this participant across reconnections
+   * (a random one by default): when we rejoin after a network drop, the server replaces our stale session
+   * instead of showing a duplicate. With a token the server uses the token's identity instead.
+   */
+  async join({ room, name, token, identity } = {}) {
     if (this.state !== 'new' && this.state !== 'closed') {
       throw new ChorusError('invalid_state', `cannot join while ${this.state}`);
     }
-    Object.assign(this, { room, name, token });
+    identity = identity || this.identity || `id-${Math.random().toString(36).slice(2, 12)}`;
+    Object.assign(this, { room, name, token, identity });
     this._setState('connecting');
     try {
       const response = await this._connect();
@@ -228,7 +233,7 @@ export class RoomClient extends Emitter {
       signal.on(method, (data) => signal === this.signal && fn(data));
     }
     await signal.ready;
-    const request = { v: PROTOCOL_VERSION, room: this.room, name: this.name };
+    const request = { v: PROTOCOL_VERSION, room: this.room, name: this.name, identity: this.identity };
     if (this.token) request.token = this.token;
     const response = await signal.request('join', request);
     this.peerId = response.peer_id;
@@ -363,6 +368,12 @@ export class RoomClient extends Emitter {
 
   // Answer one server offer on the subscribe connection.
   async _answer(offer) {
+    if (offer.restart && this.subscribePc) {
+      // The server moved our tracks to a new connection (it compacts long-lived ones): start afresh.
+      for (const trackId of [...this.remoteTracks.keys()]) this._removeRemoteTrack(trackId);
+      this.subscribePc.close();
+      this.subscribePc = this._newPc('subscribe');
+    }
     const pc = this.subscribePc;
     if (!pc) return;
     const consumers = new Map((offer.consumers || []).map((c) => [c.mid, c]));
