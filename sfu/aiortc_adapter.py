@@ -9,7 +9,8 @@ aiortc is pinned exactly in ``pyproject.toml`` for that reason.
 What is used, and why:
 
 * ``aiortc.rtcrtpreceiver.decoder_worker`` — replaced by a worker that drops encoded frames, so the SFU
-  never decodes (the receiver would otherwise queue decoded frames nobody reads, without bound).
+  never decodes (the receiver would otherwise queue decoded frames nobody reads, without bound). MCU rooms
+  undo that per receiver (:func:`enable_decoding`) and read the decoded frames.
 * ``RTCRtpReceiver._handle_rtp_packet`` / ``RTCRtpSender._handle_rtcp_packet`` — replaced *on the
   instance* (aiortc's RtpRouter looks them up per instance) to see every packet.
 * ``RTCRtpReceiver.__codecs`` / ``__rtx_ssrc`` / ``_send_rtcp_pli`` — payload types, RTX SSRC mapping and
@@ -20,8 +21,9 @@ What is used, and why:
 * ``RTCDtlsTransport._send_rtp`` — SRTP-protect and send one packet.
 * ``aioice.ice.get_host_addresses`` — to choose which host addresses the server advertises (aioice leaves
   loopback out, which a local browser needs).
-* ``aioice.ice.StunProtocol.datagram_received`` — wrapped so a malformed datagram cannot raise into the
-  event loop (see :func:`guard_stun_parsing`).
+* ``aioice.ice.StunProtocol.datagram_received`` and ``Connection._check_list`` — wrapped/read so a
+  hostile datagram can neither kill a connection nor raise into the event loop (see
+  :func:`guard_stun_parsing`).
 """
 
 from __future__ import annotations
@@ -147,6 +149,14 @@ def disable_decoding(receiver: RTCRtpReceiver) -> None:
     receiver.receive = receive  # type: ignore[method-assign]
 
 
+def enable_decoding(receiver: RTCRtpReceiver) -> None:
+    """
+    Undo :func:`disable_decoding` before the receiver starts: MCU rooms mix decoded frames. The receiver's
+    ``track`` then yields every decoded frame, and must be read continuously (frames queue without bound).
+    """
+    vars(receiver).pop("receive", None)
+
+
 # --- host candidates --------------------------------------------------------------------------------
 
 _original_get_host_addresses = aioice.ice.get_host_addresses
@@ -270,11 +280,17 @@ _stun_guard_installed = False
 
 def guard_stun_parsing(log_every: float = 10.0) -> None:
     """
-    Keep malformed datagrams from raising into the event loop.
+    Keep hostile datagrams away from aiortc, and from the event loop.
 
-    aioice's STUN parser raises ``struct.error``/``IndexError`` (not only ``ValueError``) on some truncated
-    attributes, and that escapes ``StunProtocol.datagram_received``: asyncio then logs a traceback per
-    datagram. The wrapper drops such datagrams and logs one line per ``log_every`` seconds with a count.
+    * aioice hands every datagram that is not STUN to the DTLS/SRTP layer, from *any* source address, and
+      aiortc's DTLS loop dies on an empty one (``IndexError`` on ``data[0]``), closing the whole
+      connection: one empty UDP packet could end someone's call. Empty datagrams are dropped, and so is
+      non-STUN data from an address that is not the remote side of one of the connection's candidate pairs
+      (a pair exists once a connectivity check has been seen from or sent to that address).
+    * aioice's STUN parser raises ``struct.error``/``IndexError`` (not only ``ValueError``) on some
+      truncated attributes, which would escape into the event loop with a traceback per datagram.
+
+    Dropped datagrams are counted and logged at most once per ``log_every`` seconds.
     """
     global _stun_guard_installed
     if _stun_guard_installed:
@@ -286,17 +302,36 @@ def guard_stun_parsing(log_every: float = 10.0) -> None:
     original = aioice.ice.StunProtocol.datagram_received
     state = {"dropped": 0, "last_log": 0.0}
 
+    def drop(reason: str, addr: tuple[Any, ...]) -> None:
+        state["dropped"] += 1
+        now = time.monotonic()
+        if now - state["last_log"] >= log_every:
+            log.warning("dropped unusable datagrams", extra={"chorus": {
+                "count": state["dropped"], "last_reason": reason, "from": addr[0]}})
+            state["last_log"] = now
+            state["dropped"] = 0
+
+    def known_remote(protocol: Any, addr: tuple[str, int]) -> bool:
+        allowed: set[tuple[str, int]] | None = protocol.__dict__.get("_chorus_remotes")
+        if allowed is not None and addr in allowed:
+            return True
+        pairs = getattr(protocol.receiver, "_check_list", ())  # refresh on a miss only
+        allowed = {p.remote_addr for p in pairs if p.protocol is protocol}
+        protocol._chorus_remotes = allowed
+        return addr in allowed
+
     def datagram_received(self: Any, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        if not data:
+            drop("empty", addr)
+            return
+        # STUN messages start with two zero bits; anything else is media/DTLS and must come from a peer.
+        if data[0] > 3 and not known_remote(self, (addr[0], addr[1])):  # type: ignore[operator]
+            drop("unknown source", addr)
+            return
         try:
             original(self, data, addr)
         except Exception as exc:  # noqa: BLE001 - any parser failure means "not a datagram we can use"
-            state["dropped"] += 1
-            now = time.monotonic()
-            if now - state["last_log"] >= log_every:
-                log.warning("dropped malformed datagrams", extra={"chorus": {
-                    "count": state["dropped"], "last_error": type(exc).__name__, "from": addr[0]}})
-                state["last_log"] = now
-                state["dropped"] = 0
+            drop(type(exc).__name__, addr)
 
     aioice.ice.StunProtocol.datagram_received = datagram_received  # type: ignore[method-assign]
     _stun_guard_installed = True

@@ -37,6 +37,8 @@ from aiortc import (
     RTCSessionDescription,
 )
 
+from sfu import aiortc_adapter
+
 logger = logging.getLogger("chorus.client")
 
 TrackCallback = Callable[[MediaStreamTrack, dict[str, Any]], Any]
@@ -64,10 +66,13 @@ class ChorusClient:
 
     :param url: the server's websocket URL, ``ws://host:port/ws``.
     :param ice_transport_policy: ``"all"`` or ``"relay"`` (only TURN-relayed candidates).
+    :param decode: decode received media (``False`` for bots that only count or record packets: the
+        tracks then never yield frames, and no CPU goes to decoding).
     """
 
-    def __init__(self, url: str, *, ice_transport_policy: str = "all") -> None:
+    def __init__(self, url: str, *, ice_transport_policy: str = "all", decode: bool = True) -> None:
         self.url = url
+        self.decode = decode
         self.peer_id: str | None = None
         self.room: str | None = None
         self.joined: dict[str, Any] = {}
@@ -269,7 +274,10 @@ class ChorusClient:
 
     def _on_remote_track(self, track: MediaStreamTrack) -> None:
         assert self.subscribe_pc is not None
-        mid = next((t.mid for t in self.subscribe_pc.getTransceivers() if t.receiver.track is track), None)
+        transceiver = next(t for t in self.subscribe_pc.getTransceivers() if t.receiver.track is track)
+        if not self.decode:
+            aiortc_adapter.disable_decoding(transceiver.receiver)
+        mid = transceiver.mid
         info = dict(self._consumers.get(mid or "", {}), mid=mid)
         for callback in self._track_callbacks:
             callback(track, info)
