@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
 SYSTEM_PACKAGES := chromium coturn docker-compose
 
-.PHONY: run test install system-deps lint clean
+.PHONY: run test install system-deps lint clean fuzz soak
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,6 +32,14 @@ run: install
 
 test: install system-deps
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# Fuzz every untrusted-input entry point for FUZZ_SECONDS (default 300) each; failures land in tests/fuzz_corpus.
+fuzz: install
+	$(PY) tests/fuzz.py
+
+# The long churn run: 1000 join/publish/leave cycles; objects, tasks, fds back to baseline, RSS within 10 %.
+soak: install
+	CHORUS_CHURN_CYCLES=1000 $(PY) -m pytest -s -o timeout=1800 tests/test_churn.py
 
 lint: install
 	$(VENV)/bin/ruff check sfu signaling turn tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,11 +48,40 @@ def _strip_mdns_candidates(sdp: str) -> str:
 
 
 def parse_sdp(sdp: str) -> SessionDescription:
-    """Parse an SDP with aiortc's parser; any failure (it raises many types) becomes InvalidSdpError."""
+    """
+    Parse an SDP with aiortc's parser and check what aiortc assumes without checking; any failure (aiortc
+    raises AssertionError, IndexError, KeyError, StopIteration, ...) becomes InvalidSdpError.
+    """
     try:
-        return SessionDescription.parse(sdp)
+        description = SessionDescription.parse(sdp)
     except Exception as exc:
         raise InvalidSdpError(f"cannot parse SDP: {type(exc).__name__}: {exc}") from exc
+    mids = [m.rtp.muxId for m in description.media]
+    if any(not mid for mid in mids) or len(set(mids)) != len(mids):
+        raise InvalidSdpError("every m-section needs a distinct a=mid")
+    for group in description.group:
+        # aiortc moves bundled m-sections onto the first mid's transport; an unknown first mid leaves them
+        # with none, and the connection can then neither answer nor close.
+        if group.semantic == "BUNDLE" and any(item not in mids for item in group.items):
+            raise InvalidSdpError("a=group:BUNDLE names a mid that has no m-section")
+    return description
+
+
+async def close_pc(pc: RTCPeerConnection) -> None:
+    """Close a connection, even one a bad remote description left half-broken (aiortc's close() then
+    raises): its transports are stopped one by one so no socket stays open."""
+    try:
+        await pc.close()
+        return
+    except Exception:
+        pass
+    for transceiver in pc.getTransceivers():
+        for transport in (transceiver.receiver.transport, transceiver.sender.transport):
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    await transport.stop()
+                with contextlib.suppress(Exception):
+                    await transport.transport.stop()
 
 
 class Peer:
@@ -207,7 +237,7 @@ class Peer:
         pc = self._publish_pc
         if pc is not None and (force or pc.signalingState != "stable") and not self.producers:
             self._publish_pc = None
-            await pc.close()
+            await close_pc(pc)
 
     def set_muted(self, producer_id: str, muted: bool) -> Producer:
         producer = self.producers.get(producer_id)
@@ -280,7 +310,7 @@ class Peer:
         self._inactive_sections = 0
         self._log.info("subscribe connection compacted", consumers=len(self.consumers))
         if old_pc is not None:
-            self._spawn(old_pc.close())
+            self._spawn(close_pc(old_pc))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -328,10 +358,10 @@ class Peer:
         """
         if self._answer is None or self._answer.done() or self._subscribe_pc is None:
             raise InvalidStateError("no subscribe offer is pending")
+        answer_sdp = _strip_mdns_candidates(answer_sdp)
+        parse_sdp(answer_sdp)
         try:
-            await self._subscribe_pc.setRemoteDescription(
-                RTCSessionDescription(_strip_mdns_candidates(answer_sdp), "answer")
-            )
+            await self._subscribe_pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
         except Exception as exc:
             raise InvalidSdpError(f"cannot apply answer: {type(exc).__name__}: {exc}") from exc
         if self._answer is not None and not self._answer.done():
@@ -377,7 +407,7 @@ class Peer:
         self.consumers.clear()
         for pc in (self._publish_pc, self._subscribe_pc):
             if pc is not None:
-                await pc.close()
+                await close_pc(pc)
         self._log.info("peer closed")
 
     async def get_stats(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from sfu import logs
+from turn import cli as turn_cli
 
 from . import auth
 from .app import ConfigError, create_app
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--no-publish", action="store_true", help="may not publish")
     create.add_argument("--no-subscribe", action="store_true", help="receives no one")
     create.add_argument("--admin", action="store_true", help="may use the admin API")
+    turn_cli.add_commands(commands)
     return parser
 
 
@@ -68,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "token":
         return token_create(args, settings)
+    if args.command == "turn":
+        return turn_cli.run(args, settings)
     if args.print_config:
         shown = settings.model_dump(mode="json")
         for key in ("auth_secret", "turn_secret", "webhook_secret"):

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
             raise ValueError("auth_secret must be at least 32 bytes")
         return value
 
+    @field_validator("turn_secret")
+    @classmethod
+    def _no_padding(cls, value: str | None) -> str | None:
+        # coturn strips whitespace around its secret: a padded one would make every credential fail.
+        if value is not None and (not value or value != value.strip()):
+            raise ValueError("turn_secret must be non-empty and have no leading or trailing whitespace")
+        return value
+
     # --- TURN (coturn with use-auth-secret) -------------------------------------------------------------
     turn_secret: str | None = Field(
         None, description="Shared secret with coturn (static-auth-secret). When set, join hands out TURN "
