@@ -31,12 +31,14 @@ def free_port() -> int:
 class ServerProcess:
     """A ``chorus serve`` subprocess; its log is kept for assertions."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.log_path = tmp / f"chorus-{self.port}.log"
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, *, host: str = "127.0.0.1",
+                 port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port()
+        self.log_path = tmp / f"chorus-{self.port}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "signaling.cli", "serve", "--host", host, "--port", str(self.port)],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -55,16 +57,22 @@ class ServerProcess:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return f"ws://{self.host}:{self.port}/ws"
 
     def log(self) -> str:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """Crash it: SIGKILL, no goodbye to anyone."""
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -74,7 +82,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
 
 @pytest.fixture(scope="session")

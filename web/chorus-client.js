@@ -112,6 +112,11 @@ export class SignalClient extends Emitter {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// Liveness: a websocket over a dead network stays "open" for minutes (TCP retransmits quietly), so the
+// client pings and reconnects when an answer does not come back in time.
+const PING_INTERVAL_MS = 3000;
+const PING_TIMEOUT_MS = 3000;
+
 function defaultUrl() {
   return `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
 }
@@ -242,7 +247,22 @@ export class RoomClient extends Emitter {
     }));
     this._syncPeers(response.peers || []);
     this.subscribePc = this._newPc('subscribe');
+    this._watch(signal);
     return response;
+  }
+
+  // Ping the server while `signal` is current; a missed answer means the network is gone: reconnect.
+  _watch(signal) {
+    const timer = setInterval(() => {
+      if (signal !== this.signal || signal.closed) {
+        clearInterval(timer);
+        return;
+      }
+      signal.request('ping', {}, { timeout: PING_TIMEOUT_MS }).catch(() => {
+        if (signal === this.signal && this.state === 'connected') this._reconnect();
+      });
+    }, PING_INTERVAL_MS);
+    signal.on('close', () => clearInterval(timer));
   }
 
   _onSignalClose(signal) {
