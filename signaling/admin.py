@@ -43,7 +43,8 @@ async def admin_auth(request: web.Request, handler: Callable[[web.Request], Awai
 async def list_rooms(request: web.Request) -> web.Response:
     rooms = request.app[ADMIN_REGISTRY].rooms.values()
     return web.json_response({"rooms": [
-        {"id": r.id, "participants": len(r.router.peers), "tracks": sum(1 for _ in r.router.producers())}
+        {"id": r.id, "mode": r.mode, "participants": len(r.router.peers),
+         "tracks": sum(1 for _ in r.router.producers())}
         for r in rooms
     ]})
 

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 
 from sfu import aiortc_adapter
+from sfu.mcu import McuOptions
 from turn import credentials as turn_credentials
 
 from . import auth
@@ -160,8 +161,11 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[METRICS] = metrics_ = Metrics()
     app[WEBHOOKS] = WebhookSender(settings.webhook_urls, settings.webhook_secret or settings.auth_secret,
                                   on_outcome=lambda outcome: metrics_.webhooks.labels(outcome).inc())
-    app[REGISTRY] = RoomRegistry(emit=app[WEBHOOKS].emit, max_rooms=settings.max_rooms,
-                                 max_peers_per_room=settings.max_peers_per_room)
+    app[REGISTRY] = RoomRegistry(
+        emit=app[WEBHOOKS].emit, max_rooms=settings.max_rooms, max_peers_per_room=settings.max_peers_per_room,
+        mcu_defaults=McuOptions(settings.mcu_width - settings.mcu_width % 2,
+                                settings.mcu_height - settings.mcu_height % 2, settings.mcu_fps),
+    )
     app[JOIN_LIMITER] = RateLimiter(settings.join_rate_per_ip, settings.join_burst_per_ip)
     metrics_.watch(app[REGISTRY])
     app[WEBSOCKETS] = weakref.WeakSet()

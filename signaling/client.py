@@ -196,19 +196,21 @@ class ChorusClient:
             bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
         )
 
-    async def join(self, room: str, name: str, *, token: str | None = None,
-                   identity: str | None = None) -> dict[str, Any]:
+    async def join(self, room: str, name: str, *, token: str | None = None, identity: str | None = None,
+                   mode: str | None = None, mcu: dict[str, int] | None = None) -> dict[str, Any]:
         """
-        Join ``room``; returns the join response (``peer_id``, ``peers``, ``ice_servers``).
+        Join ``room``; returns the join response (``peer_id``, ``mode``, ``peers``, ``ice_servers``).
 
         :param identity: who this is across reconnections (dev mode; a token carries its own): joining again
             with the same identity replaces the earlier session instead of adding a duplicate.
+        :param mode: ``"sfu"`` or ``"mcu"`` for a room this join creates (an existing room keeps its mode;
+            asking another one is ``invalid_state``).
+        :param mcu: composite options of a new MCU room, e.g. ``{"width": 320, "height": 240, "fps": 15}``.
         """
         data: dict[str, Any] = {"v": 1, "room": room, "name": name}
-        if token is not None:
-            data["token"] = token
-        if identity is not None:
-            data["identity"] = identity
+        for key, value in (("token", token), ("identity", identity), ("mode", mode), ("mcu", mcu)):
+            if value is not None:
+                data[key] = value
         self.joined = await self.request("join", data)
         self.peer_id = self.joined["peer_id"]
         self.room = room

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     turn_total_quota: int = Field(1200, ge=0, description="Max allocations in total (0: unlimited).")
     turn_max_bps: int = Field(0, ge=0, description="Max bytes/s per TURN session (0: unlimited).")
 
+    # --- MCU rooms ----------------------------------------------------------------------------------------
+    mcu_width: int = Field(640, ge=64, le=1920, description="Composite width of MCU rooms (a join may ask less).")
+    mcu_height: int = Field(480, ge=64, le=1080, description="Composite height of MCU rooms.")
+    mcu_fps: int = Field(15, ge=1, le=30, description="Composite frame rate of MCU rooms.")
+
     # --- limits (one client must never hurt another) -----------------------------------------------------
     max_sdp_bytes: int = Field(64 * 1024, ge=1024, description="Largest SDP accepted.")
     max_sdp_lines: int = Field(2000, ge=20, description="Most lines in an SDP accepted.")

@@ -7,8 +7,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sfu import LimitError, NotFoundError, Peer, Producer, Router
+from sfu import InvalidStateError, LimitError, NotFoundError, Peer, Producer, Router
 from sfu.logs import PeerLogger
+from sfu.mcu import McuOptions, McuRouter
 
 if TYPE_CHECKING:
     from .session import Session
@@ -28,13 +29,21 @@ class Room:
     participants. When the last peer leaves, the room closes and ``on_empty`` removes it from the registry.
     """
 
-    def __init__(self, room_id: str, on_empty: Callable[[Room], None], emit: Emit, *, max_peers: int = 100) -> None:
+    def __init__(self, room_id: str, on_empty: Callable[[Room], None], emit: Emit, *, max_peers: int = 100,
+                 mode: str = "sfu", mcu: McuOptions | None = None) -> None:
         self.id = room_id
+        #: ``sfu`` (forward every track) or ``mcu`` (mix on the server); fixed for the room's lifetime.
+        self.mode = mode
         self.max_peers = max_peers
         #: identity → peer id, for identities that were stated (token or join)
         self.identities: dict[str, str] = {}
         self.log = PeerLogger(logger, room=room_id)
-        self.router = Router(room_id, self, log=PeerLogger("chorus.sfu", room=room_id))
+        router_log = PeerLogger("chorus.sfu", room=room_id)
+        self.router: Router | McuRouter = (
+            McuRouter(room_id, self, log=router_log, options=mcu)
+            if mode == "mcu"
+            else Router(room_id, self, log=router_log)
+        )
         self.sessions: dict[str, Session] = {}
         self.closed = False
         self._on_empty = on_empty
@@ -47,7 +56,12 @@ class Room:
                 session.notify(method, data)
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "participants": [p.describe() for p in self.router.peers.values()]}
+        described: dict[str, Any] = {
+            "id": self.id, "mode": self.mode, "participants": [p.describe() for p in self.router.peers.values()]
+        }
+        if isinstance(self.router, McuRouter):
+            described["mcu"] = self.router.describe()
+        return described
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -153,8 +167,10 @@ class Room:
 class RoomRegistry:
     """The rooms of this process (the embedded, single-node registry)."""
 
-    def __init__(self, emit: Emit | None = None, *, max_rooms: int = 1000, max_peers_per_room: int = 100) -> None:
+    def __init__(self, emit: Emit | None = None, *, max_rooms: int = 1000, max_peers_per_room: int = 100,
+                 mcu_defaults: McuOptions | None = None) -> None:
         self.rooms: dict[str, Room] = {}
+        self.mcu_defaults = mcu_defaults
         self.max_rooms = max_rooms
         self.max_peers_per_room = max_peers_per_room
         self._emit: Emit = emit or (lambda event, data: None)
@@ -165,14 +181,21 @@ class RoomRegistry:
             raise NotFoundError(f"no room {room_id!r}")
         return room
 
-    def get_or_create(self, room_id: str) -> Room:
+    def get_or_create(self, room_id: str, *, mode: str | None = None, mcu: McuOptions | None = None) -> Room:
+        """The room ``room_id``, created in ``mode`` (default ``sfu``) if it does not exist.
+
+        :raises InvalidStateError: the room exists in another mode than ``mode`` (rooms never switch).
+        """
         room = self.rooms.get(room_id)
+        if room is not None and mode is not None and mode != room.mode:
+            raise InvalidStateError(f"room {room_id} is in {room.mode} mode")
         if room is None:
             if len(self.rooms) >= self.max_rooms:
                 raise LimitError(f"this server hosts its maximum of {self.max_rooms} rooms")
             room = self.rooms[room_id] = Room(room_id, on_empty=self._remove, emit=self._emit,
-                                              max_peers=self.max_peers_per_room)
-            room.log.info("room created")
+                                              max_peers=self.max_peers_per_room, mode=mode or "sfu",
+                                              mcu=mcu or self.mcu_defaults)
+            room.log.info("room created", mode=room.mode)
             self._emit("room_started", {"room": room_id})
         return room
 

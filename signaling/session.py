@@ -12,6 +12,7 @@ from aiohttp import WSMsgType, web
 
 from sfu import ChorusError, Peer
 from sfu.logs import PeerLogger
+from sfu.mcu import MODES, McuOptions
 from sfu.peer import new_id
 
 from . import protocol
@@ -167,7 +168,16 @@ class Session:
         name = name or grants.name or grants.identity
         if not name:
             raise bad_request("'name' must be a non-empty string")
-        room = self.registry.get_or_create(room_id)
+        # The room's mode (and MCU composite options) apply when this join creates the room; joining an
+        # existing room in another mode is invalid_state.
+        mode = data.get("mode")
+        if mode is not None and mode not in MODES:
+            raise bad_request("'mode' must be \"sfu\" or \"mcu\"")
+        try:
+            mcu = McuOptions.from_dict(data["mcu"]) if data.get("mcu") is not None else None
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        room = self.registry.get_or_create(room_id, mode=mode, mcu=mcu)
         peer_id = new_id("p")
         peer = await room.join(self, peer_id, name, identity=identity, subscribe=grants.can_subscribe)
         others = [p.describe() for p in room.router.peers.values() if p is not peer]
@@ -179,6 +189,7 @@ class Session:
             "v": protocol.PROTOCOL_VERSION,
             "peer_id": peer_id,
             "room": room_id,
+            "mode": room.mode,
             "peers": others,
             "ice_servers": self._ice_servers(peer_id),
             "can_publish": grants.can_publish,

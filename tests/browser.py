@@ -44,3 +44,25 @@ PER_STREAM_FRAMES = """async () => {
   });
   return out;
 }"""
+
+
+async def wait_until(page: object, expression: str, timeout: float, interval: float = 0.2) -> object:
+    """
+    Poll ``expression`` in the page until it yields a truthy value (awaiting it if it is a promise).
+
+    Playwright's ``wait_for_function`` must not be used with a promise: a Promise object is truthy, so it
+    returns at once whatever the promise resolves to.
+
+    :raises AssertionError: not true within ``timeout`` seconds.
+    """
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await page.evaluate(expression)  # type: ignore[attr-defined]
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {expression[:120]}")
+        await asyncio.sleep(interval)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from browser import CHROMIUM, FLAGS, INBOUND_STATS, PER_STREAM_FRAMES
+from browser import CHROMIUM, FLAGS, INBOUND_STATS, PER_STREAM_FRAMES, wait_until
 from conftest import ServerProcess
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -41,9 +41,7 @@ async def test_three_browsers_in_a_call(server: ServerProcess, browser: object, 
 
     async def media_flowing(page: object) -> dict[str, int]:
         # Two remote videos decoding and two remote audio streams received, with frames still rising.
-        await page.wait_for_function(  # type: ignore[attr-defined]
-            f"({INBOUND_STATS})().then(s => s.video_streams >= 2 && s.audio_streams >= 2)", timeout=15000, polling=250
-        )
+        await wait_until(page, f"({INBOUND_STATS})().then(s => s.video_streams >= 2 && s.audio_streams >= 2)", 15)
         first = await page.evaluate(PER_STREAM_FRAMES)  # type: ignore[attr-defined]
         await asyncio.sleep(1.0)
         second = await page.evaluate(PER_STREAM_FRAMES)  # type: ignore[attr-defined]
@@ -66,9 +64,7 @@ async def test_closed_tab_leaves_the_call(server: ServerProcess, browser: object
     stay = await open_page(browser, f"{server.http_url}/?room={room_name}&name=stay")
     gone = await open_page(browser, f"{server.http_url}/?room={room_name}&name=gone")
     for page in (stay, gone):
-        await page.wait_for_function(  # type: ignore[attr-defined]
-            f"({INBOUND_STATS})().then(s => s.video_streams >= 1)", timeout=15000, polling=250
-        )
+        await wait_until(page, f"({INBOUND_STATS})().then(s => s.video_streams >= 1)", 15)
     await stay.wait_for_function(  # type: ignore[attr-defined]
         "document.querySelectorAll('.tile.remote').length === 1", timeout=5000, polling=50
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM, FLAGS, INBOUND_STATS, PER_STREAM_FRAMES
+from browser import CHROMIUM, FLAGS, INBOUND_STATS, PER_STREAM_FRAMES, wait_until
 from conftest import ServerProcess, connect
 from media import EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
 from signaling.client import ChorusClient
@@ -81,8 +81,7 @@ async def browser() -> AsyncIterator[object]:
 async def wait_video_rising(page: object, timeout: float) -> None:
     """Until the page decodes at least one remote video with frames still rising."""
     deadline = time.monotonic() + timeout
-    await page.wait_for_function(  # type: ignore[attr-defined]
-        f"({INBOUND_STATS})().then(s => s.video_streams >= 1)", timeout=timeout * 1000, polling=200)
+    await wait_until(page, f"({INBOUND_STATS})().then(s => s.video_streams >= 1)", timeout)
     first = await page.evaluate(PER_STREAM_FRAMES)  # type: ignore[attr-defined]
     while time.monotonic() < deadline:
         await asyncio.sleep(0.3)

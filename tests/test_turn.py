@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
-from browser import CHROMIUM, FLAGS, INBOUND_STATS
+from browser import CHROMIUM, FLAGS, INBOUND_STATS, wait_until
 from conftest import ServerProcess
 from coturn import SECRET, TURNSERVER, Coturn, free_udp_tcp_port
 from coturn import coturn_fixture as coturn_fixture  # the `coturn` fixture
@@ -437,8 +437,7 @@ async def test_relay_only_browser_receives_video(turn_chorus: ServerProcess, bro
         page.on("pageerror", lambda e: errors.append(str(e)))
         await page.goto(f"{turn_chorus.http_url}/?room={room_name}&name=relayed&ice=relay")
 
-        await page.wait_for_function(f"({INBOUND_STATS})().then(s => s.video_frames > 10)", timeout=15000,
-                                     polling=250)
+        await wait_until(page, f"({INBOUND_STATS})().then(s => s.video_frames > 10)", 15)
         first = (await page.evaluate(INBOUND_STATS))["video_frames"]
         await asyncio.sleep(1.0)
         second = (await page.evaluate(INBOUND_STATS))["video_frames"]

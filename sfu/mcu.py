@@ -1,0 +1,188 @@
+"""
+McuRouter: the media plane of a room in MCU mode. The server mixes, so each participant downloads exactly one
+audio and one video stream however many others there are.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any, cast
+
+from . import aiortc_adapter as adapter
+from .errors import InvalidStateError
+from .logs import PeerLogger
+from .mixer import AudioMixer, VideoCompositor
+from .peer import OfferSender, Peer, vars_of
+from .producer import Producer
+from .router import RouterObserver
+
+#: Room modes: ``sfu`` forwards every track to everyone; ``mcu`` mixes on the server.
+MODES = ("sfu", "mcu")
+
+
+@dataclass(frozen=True)
+class McuOptions:
+    """
+    The composite video of an MCU room: ``width`` x ``height`` pixels (even, 64-1920 x 64-1080) at ``fps``
+    frames per second (1-30).
+
+    :raises ValueError: a value is out of range.
+    """
+
+    width: int = 640
+    height: int = 480
+    fps: int = 15
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("width", 64, 1920), ("height", 64, 1080), ("fps", 1, 30)):
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f"'{name}' must be an integer from {low} to {high}")
+        if self.width % 2 or self.height % 2:
+            raise ValueError("'width' and 'height' must be even")
+
+    @classmethod
+    def from_dict(cls, data: object) -> McuOptions:
+        """Options from a JSON object such as ``{"width": 320, "height": 240, "fps": 15}`` (all optional).
+
+        :raises ValueError: not an object, an unknown key, or a value out of range.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("'mcu' must be an object")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown 'mcu' option(s): {', '.join(sorted(map(str, unknown)))}")
+        return cls(**data)
+
+
+class McuRouter:
+    """
+    The media plane of one room in MCU mode, with the interface of :class:`~sfu.router.Router`.
+
+    Peers are ordinary :class:`Peer` objects. Publishing is unchanged, except that each producer's receiver
+    keeps decoding: its frames feed the :class:`~sfu.mixer.AudioMixer` and the
+    :class:`~sfu.mixer.VideoCompositor` instead of being forwarded. On the subscribe connection each peer
+    gets exactly two consumers, created at join: its own N-1 audio mix (``mcu-audio``) and the video
+    composite shared by everyone (``mcu-video``), both announced as coming from peer ``mcu``.
+
+    Lifecycle: *open* → *closed*. The mixer clocks start with the first peer; :meth:`close` closes every
+    peer, then stops them. Idempotent.
+    """
+
+    mode = "mcu"
+
+    def __init__(
+        self, room_id: str, observer: RouterObserver, *, log: PeerLogger, options: McuOptions | None = None
+    ) -> None:
+        self.id = room_id
+        self.closed = False
+        self.options = options or McuOptions()
+        self.peers: dict[str, Peer] = {}
+        self._observer = observer
+        self._log = log
+        self._audio = AudioMixer(log=log)
+        self._video = VideoCompositor(self.options.width, self.options.height, self.options.fps, log=log)
+        self._join_order: dict[str, int] = {}
+        self._sequence = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"McuRouter(id={self.id}, peers={len(self.peers)})"
+
+    def producers(self) -> Iterator[Producer]:
+        for peer in self.peers.values():
+            yield from (p for p in peer.producers.values() if not p.closed)
+
+    def create_peer(self, peer_id: str, name: str, send_offer: OfferSender, *, subscribe: bool = True) -> Peer:
+        """Add a participant; unless ``subscribe`` is false it receives its audio mix and the composite."""
+        if self.closed:
+            raise InvalidStateError(f"room {self.id} is closed")
+        peer = Peer(
+            peer_id,
+            name,
+            send_offer=send_offer,
+            on_producer=self._producer_added,
+            on_failed=self._observer.peer_failed,
+            log=self._log.bind(peer=peer_id),
+            subscribe=subscribe,
+        )
+        self.peers[peer_id] = peer
+        self._join_order[peer_id] = next(self._sequence)
+        self._audio.start()
+        self._video.start()
+        if subscribe:
+            # Mixed streams quack like producers: Peer.consume and Consumer use only id, peer_id, kind, codec,
+            # add_consumer/remove_consumer and request_keyframe.
+            peer.consume(cast(Producer, self._audio.add_output(peer_id)))
+            peer.consume(cast(Producer, self._video))
+        return peer
+
+    def find_producer(self, producer_id: str) -> tuple[Peer, Producer] | None:
+        for peer in self.peers.values():
+            producer = peer.producers.get(producer_id)
+            if producer is not None:
+                return peer, producer
+        return None
+
+    def _producer_added(self, peer: Peer, producer: Producer) -> None:
+        # Called before aiortc starts the receiver, so undoing the SFU's "no decoding" still takes effect.
+        receiver = producer._receiver  # the Producer owns it; the mixer reads its track
+        adapter.enable_decoding(receiver)
+        producer.on_close(lambda p: self._producer_closed(peer, p))
+        if producer.kind == "audio":
+            self._audio.add_source(producer, receiver.track)
+        else:
+            self._video.add_source(producer, receiver.track, (self._join_order[peer.id], next(self._sequence)))
+        self._log.info("mcu source added", peer=peer.id, producer=producer.id, kind=producer.kind)
+        self._observer.producer_added(peer, producer)
+
+    def _producer_closed(self, peer: Peer, producer: Producer) -> None:
+        if producer.kind == "audio":
+            self._audio.remove_source(producer.id)
+        else:
+            self._video.remove_source(producer.id)
+        self._observer.producer_closed(peer, producer)
+
+    async def remove_peer(self, peer_id: str) -> Peer | None:
+        """Close and remove a participant: it leaves the mix and the grid. Returns it, if it was here."""
+        peer = self.peers.pop(peer_id, None)
+        if peer is not None:
+            await peer.close()
+            self._audio.remove_output(peer_id)
+            self._join_order.pop(peer_id, None)
+        return peer
+
+    async def close(self) -> None:
+        """Close every peer and stop mixing. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for peer_id in list(self.peers):
+            await self.remove_peer(peer_id)
+        await self._audio.close()
+        await self._video.close()
+
+    async def get_stats(self) -> dict[str, Any]:
+        return {peer_id: await peer.get_stats() for peer_id, peer in self.peers.items()}
+
+    def describe(self) -> dict[str, Any]:
+        """Settings and mixer counters, for the admin API: the video is encoded once per composite frame
+        (``video.frames``), whatever the number of subscribers (``video.subscribers``)."""
+        video = self._video
+        return {
+            **asdict(self.options),
+            "video": {
+                **vars_of(video.stats),
+                "ticks": video.ticks,
+                "skipped_ticks": video.skipped_ticks,
+                "sources": len(video.sources),
+                "subscribers": len(video.consumers),
+            },
+            "audio": {
+                **vars_of(self._audio.stats),
+                "sources": len(self._audio.sources),
+                "outputs": len(self._audio.outputs),
+                "underruns": sum(s.underruns for s in self._audio.sources.values()),
+            },
+        }
