@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
-SYSTEM_PACKAGES := chromium coturn docker-compose
+SYSTEM_PACKAGES := chromium coturn redis-server docker-compose
 
-.PHONY: run test install system-deps lint clean fuzz soak
+.PHONY: run run-cluster test install system-deps lint clean fuzz soak
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# System packages (Debian): Chromium for browser tests, coturn for TURN tests, docker-compose to validate
-# docker-compose.yml (no engine runs). Skipped when already present.
+# System packages (Debian): Chromium for browser tests, coturn for TURN tests, redis-server for cluster tests,
+# docker-compose to validate docker-compose.yml (no engine runs). Skipped when already present.
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -29,6 +29,10 @@ system-deps:
 
 run: install
 	$(VENV)/bin/chorus serve --dev --host 127.0.0.1 --port 8080
+
+# Two nodes and a redis-server on this machine (http://127.0.0.1:8080 and :8081).
+run-cluster: install system-deps
+	scripts/run-cluster
 
 test: install system-deps
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

@@ -8,22 +8,60 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from sfu import ChorusError
 
 from . import resources
 from .auth import Verify, forbidden
+from .cluster import Cluster
 from .room import RoomRegistry
 
 ADMIN_REGISTRY = web.AppKey("admin_registry", RoomRegistry)
 ADMIN_VERIFY: web.AppKey[Verify] = web.AppKey("admin_verify")
+ADMIN_CLUSTER: web.AppKey[Callable[[], Cluster | None]] = web.AppKey("admin_cluster")
 
 STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404}
 
 
 def error(code: str, reason: str) -> web.Response:
     return web.json_response({"error": {"code": code, "reason": reason}}, status=STATUS.get(code, 500))
+
+
+def local_rooms(registry: RoomRegistry) -> list[dict[str, Any]]:
+    return [
+        {"id": r.id, "mode": r.mode, "participants": len(r.router.peers),
+         "tracks": sum(1 for _ in r.router.producers())}
+        for r in registry.rooms.values()
+    ]
+
+
+async def forward(request: web.Request, base_url: str) -> web.Response:
+    """Send this admin request on to another node (same method, path, body and Authorization)."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http, http.request(
+        request.method, base_url + request.path_qs, data=await request.read(), headers=headers
+    ) as response:
+        return web.Response(status=response.status, body=await response.read(),
+                            content_type=response.content_type if response.status != 204 else None)
+
+
+@web.middleware
+async def cluster_routing(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+    """A request about a room hosted by another node is answered by that node."""
+    room = request.match_info.get("room")
+    cluster = request.app[ADMIN_CLUSTER]()
+    if room is None or cluster is None or room in request.app[ADMIN_REGISTRY].rooms:
+        return await handler(request)
+    owner = await cluster.owner(room)
+    if owner is None or owner == cluster.node_id:
+        return await handler(request)
+    node = (await cluster.nodes()).get(owner)
+    if node is None:
+        return await handler(request)
+    return await forward(request, str(node["http"]))
 
 
 @web.middleware
@@ -41,12 +79,32 @@ async def admin_auth(request: web.Request, handler: Callable[[web.Request], Awai
 
 
 async def list_rooms(request: web.Request) -> web.Response:
-    rooms = request.app[ADMIN_REGISTRY].rooms.values()
-    return web.json_response({"rooms": [
-        {"id": r.id, "mode": r.mode, "participants": len(r.router.peers),
-         "tracks": sum(1 for _ in r.router.producers())}
-        for r in rooms
-    ]})
+    """Every room of the cluster (``?scope=local``: only this node's), each with the node hosting it."""
+    cluster = request.app[ADMIN_CLUSTER]()
+    rooms = local_rooms(request.app[ADMIN_REGISTRY])
+    if cluster is None or request.query.get("scope") == "local":
+        return web.json_response({"rooms": rooms})
+    for room in rooms:
+        room["node"] = cluster.node_id
+    headers = {"Authorization": request.headers.get("Authorization", "")}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        for node_id, node in (await cluster.nodes()).items():
+            if node_id == cluster.node_id:
+                continue
+            try:
+                async with http.get(f"{node['http']}/api/rooms?scope=local", headers=headers) as response:
+                    for room in (await response.json())["rooms"]:
+                        rooms.append({**room, "node": node_id})
+            except (aiohttp.ClientError, TimeoutError, KeyError, ValueError):
+                continue  # a node that just died: its rooms are listed again once they moved
+    return web.json_response({"rooms": rooms})
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    cluster = request.app[ADMIN_CLUSTER]()
+    if cluster is None:
+        return web.json_response({"nodes": []})
+    return web.json_response({"nodes": [{"id": k, **v} for k, v in (await cluster.nodes()).items()]})
 
 
 async def get_room(request: web.Request) -> web.Response:
@@ -81,12 +139,15 @@ async def process_stats(request: web.Request) -> web.Response:
     return web.json_response(resources.snapshot())
 
 
-def create_admin_app(registry: RoomRegistry, verify: Verify) -> web.Application:
+def create_admin_app(registry: RoomRegistry, verify: Verify,
+                     cluster: Callable[[], Cluster | None] = lambda: None) -> web.Application:
     """The admin API as a sub-application, mounted at ``/api``."""
-    app = web.Application(middlewares=[admin_auth])
+    app = web.Application(middlewares=[admin_auth, cluster_routing])
     app[ADMIN_REGISTRY] = registry
     app[ADMIN_VERIFY] = verify
+    app[ADMIN_CLUSTER] = cluster
     app.router.add_get("/rooms", list_rooms)
+    app.router.add_get("/nodes", list_nodes)
     app.router.add_get("/rooms/{room}", get_room)
     app.router.add_delete("/rooms/{room}", close_room)
     app.router.add_delete("/rooms/{room}/participants/{participant}", kick)

@@ -18,6 +18,7 @@ from turn import credentials as turn_credentials
 
 from . import auth
 from .admin import create_admin_app
+from .cluster import Cluster
 from .config import Settings
 from .limits import RateLimiter
 from .metrics import Metrics
@@ -36,6 +37,7 @@ WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
 READY = web.AppKey("ready", asyncio.Event)
 JOIN_LIMITER = web.AppKey("join_limiter", RateLimiter)
+CLUSTER: web.AppKey[Cluster | None] = web.AppKey("cluster")
 
 
 class ConfigError(Exception):
@@ -81,6 +83,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         verify_token=token_verifier(settings),
         remote=request.remote,
         join_limiter=app[JOIN_LIMITER],
+        cluster=app[CLUSTER],
         on_error=lambda code: errors.labels(code).inc(),
     )
     try:
@@ -99,10 +102,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the media plane passed its startup checks and accepts participants."""
-    if request.app[READY].is_set():
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "starting"}, status=503)
+    """Readiness: the media plane passed its startup checks and, in a cluster, Redis answers."""
+    if not request.app[READY].is_set():
+        return web.json_response({"status": "starting"}, status=503)
+    cluster = request.app[CLUSTER]
+    if cluster is not None and not cluster.ready:
+        return web.json_response({"status": "cluster registry unreachable"}, status=503)
+    return web.json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -131,6 +137,45 @@ async def media_plane(app: web.Application) -> AsyncIterator[None]:
     yield
     app[READY].clear()
     await app[REGISTRY].close()
+
+
+def build_cluster(settings: Settings, registry: RoomRegistry) -> Cluster:
+    """This node's cluster membership (nothing connects until the heartbeat starts)."""
+    assert settings.redis_url is not None
+    ws_url = settings.node_url or f"ws://{settings.host}:{settings.port}/ws"
+    node_id = settings.node_id or ws_url.split("://", 1)[-1].removesuffix("/ws").replace("/", "_")
+
+    def lost(room_id: str) -> None:
+        room = registry.rooms.get(room_id)
+        if room is not None:
+            room.spawn_close("moved to another node")
+
+    return Cluster(settings.redis_url, node_id, ws_url, ttl=settings.node_ttl,
+                   local_rooms=lambda: {r.id: len(r.sessions) for r in registry.rooms.values()},
+                   on_lost_room=lost)
+
+
+async def cluster_membership(app: web.Application) -> AsyncIterator[None]:
+    """Heartbeat into the cluster registry while the app runs; leave the cluster on shutdown."""
+    cluster = app[CLUSTER]
+    if cluster is None:
+        yield
+        return
+    releases: set[asyncio.Task[None]] = set()
+
+    def release(room: Any) -> None:
+        task = asyncio.ensure_future(cluster.release(room.id))
+        releases.add(task)
+        task.add_done_callback(releases.discard)
+
+    app[REGISTRY].on_room_closed.append(release)
+    heartbeat = asyncio.create_task(cluster.run(), name="cluster heartbeat")
+    yield
+    heartbeat.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await heartbeat
+    await asyncio.gather(*releases, return_exceptions=True)
+    await cluster.close()
 
 
 async def webhook_delivery(app: web.Application) -> AsyncIterator[None]:
@@ -170,14 +215,17 @@ def create_app(settings: Settings | None = None) -> web.Application:
     metrics_.watch(app[REGISTRY])
     app[WEBSOCKETS] = weakref.WeakSet()
     app[READY] = asyncio.Event()
+    app[CLUSTER] = build_cluster(settings, app[REGISTRY]) if settings.redis_url else None
     app.cleanup_ctx.append(media_plane)
+    app.cleanup_ctx.append(cluster_membership)
     app.cleanup_ctx.append(webhook_delivery)
     app.on_shutdown.append(close_websockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.add_subapp("/api", create_admin_app(app[REGISTRY], token_verifier(settings)))
+    cluster = app[CLUSTER]
+    app.add_subapp("/api", create_admin_app(app[REGISTRY], token_verifier(settings), lambda: cluster))
     app.router.add_get("/", index)
     app.router.add_static("/", _web_root(settings), show_index=False)
     return app

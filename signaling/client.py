@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import json
 import logging
 from collections.abc import Callable
@@ -45,12 +46,13 @@ TrackCallback = Callable[[MediaStreamTrack, dict[str, Any]], Any]
 
 
 class RequestError(Exception):
-    """The server answered a request with an error."""
+    """The server answered a request with an error (``url``: where to go, for ``redirect``)."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, url: str | None = None) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+        self.url = url
 
 
 def ice_servers_from(entries: list[dict[str, Any]]) -> list[RTCIceServer]:
@@ -68,11 +70,26 @@ class ChorusClient:
     :param ice_transport_policy: ``"all"`` or ``"relay"`` (only TURN-relayed candidates).
     :param decode: decode received media (``False`` for bots that only count or record packets: the
         tracks then never yield frames, and no CPU goes to decoding).
+    :param reconnect: when the websocket drops after a join, join again (same identity, so the server
+        replaces the stale session), trying this node and then the other nodes of the cluster, with backoff;
+        :attr:`republish` supplies fresh tracks to publish again (aiortc ends a track with its connection).
     """
 
-    def __init__(self, url: str, *, ice_transport_policy: str = "all", decode: bool = True) -> None:
+    MAX_REDIRECTS = 3
+
+    def __init__(self, url: str, *, ice_transport_policy: str = "all", decode: bool = True,
+                 reconnect: bool = False) -> None:
         self.url = url
         self.decode = decode
+        self.reconnect = reconnect
+        #: returns the tracks to publish again after a reconnection
+        self.republish: Callable[[], list[MediaStreamTrack]] | None = None
+        #: set each time a reconnection completed (join and republish)
+        self.reconnected = asyncio.Event()
+        self.nodes: list[str] = []
+        self._join_args: dict[str, Any] | None = None
+        self._closing = False
+        self._reconnect_task: asyncio.Task[None] | None = None
         self.peer_id: str | None = None
         self.room: str | None = None
         self.joined: dict[str, Any] = {}
@@ -96,12 +113,36 @@ class ChorusClient:
     # --- connection ------------------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        self._session = aiohttp.ClientSession()
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
         self._ws = await self._session.ws_connect(self.url, heartbeat=15.0)
-        self._reader = asyncio.create_task(self._read(), name="chorus client reader")
+        self._reader = asyncio.create_task(self._read(self._ws), name="chorus client reader")
+
+    async def _disconnect(self) -> None:
+        """Drop the websocket and both peer connections (the session object stays usable)."""
+        for task in (self._offer_task, self._reader):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._offer_task = self._reader = None
+        for pc in (self.publish_pc, self.subscribe_pc):
+            if pc is not None:
+                await pc.close()
+        self.publish_pc = self.subscribe_pc = None
+        self._consumers.clear()
+        self._offers = asyncio.Queue()
+        if self._ws is not None:
+            await self._ws.close()
+            self._ws = None
 
     async def close(self) -> None:
         """Close both peer connections and the websocket (no ``leave``: the server notices the close)."""
+        self._closing = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reconnect_task
         for task in (self._offer_task, self._reader):
             if task is not None:
                 task.cancel()
@@ -126,9 +167,8 @@ class ChorusClient:
         finally:
             self._pending.pop(request_id, None)
 
-    async def _read(self) -> None:
-        assert self._ws is not None
-        async for message in self._ws:
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for message in ws:
             if message.type != aiohttp.WSMsgType.TEXT:
                 continue
             msg = json.loads(message.data)
@@ -139,12 +179,35 @@ class ChorusClient:
                         future.set_result(msg.get("data", {}))
                     else:
                         err = msg.get("error", {})
-                        future.set_exception(RequestError(err.get("code", "?"), err.get("reason", "")))
+                        future.set_exception(RequestError(err.get("code", "?"), err.get("reason", ""),
+                                                          err.get("url")))
             elif msg.get("type") == "evt":
                 self._on_event(msg["method"], msg.get("data", {}))
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionError("websocket closed"))
+        if ws is self._ws and self.reconnect and self._join_args is not None and not self._closing:
+            self._reconnect_task = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Join again after the websocket dropped: this node first, then the others, with backoff."""
+        assert self._join_args is not None
+        await self._disconnect()
+        for attempt in itertools.count():
+            await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+            for url in dict.fromkeys([self.url, *self.nodes]):
+                self.url = url
+                try:
+                    await self.connect()
+                    await self.join(**self._join_args)
+                    if self.republish is not None:
+                        await self.publish(*self.republish())
+                    logger.info("reconnected to %s", self.url)
+                    self.reconnected.set()
+                    return
+                except (OSError, aiohttp.ClientError, RequestError, asyncio.TimeoutError, ConnectionError) as exc:
+                    logger.info("reconnection to %s failed: %s", url, exc)
+                    await self._disconnect()
 
     def _on_event(self, method: str, data: dict[str, Any]) -> None:
         self.events.append((method, data))
@@ -207,11 +270,28 @@ class ChorusClient:
             asking another one is ``invalid_state``).
         :param mcu: composite options of a new MCU room, e.g. ``{"width": 320, "height": 240, "fps": 15}``.
         """
+        if identity is None and self.reconnect:
+            identity = f"py-{secrets.token_hex(6)}"  # so that rejoining replaces our stale session
+        self._join_args = {"room": room, "name": name, "token": token, "identity": identity, "mode": mode,
+                           "mcu": mcu}
         data: dict[str, Any] = {"v": 1, "room": room, "name": name}
         for key, value in (("token", token), ("identity", identity), ("mode", mode), ("mcu", mcu)):
             if value is not None:
                 data[key] = value
-        self.joined = await self.request("join", data)
+        for _ in range(self.MAX_REDIRECTS):
+            try:
+                self.joined = await self.request("join", data)
+                break
+            except RequestError as exc:
+                if exc.code != "redirect" or not exc.url:
+                    raise
+                # The room lives on another node of the cluster: join it there.
+                await self._disconnect()
+                self.url = exc.url
+                await self.connect()
+        else:
+            raise RequestError("redirect", f"more than {self.MAX_REDIRECTS} redirects")
+        self.nodes = list(self.joined.get("nodes", []))
         self.peer_id = self.joined["peer_id"]
         self.room = room
         self._ice_servers = self.joined.get("ice_servers", [])

@@ -129,6 +129,8 @@ class Cluster:
         self.ws_url = ws_url
         self.http_url = http_base(ws_url)
         self.ready = False
+        #: websocket URLs of the live nodes at the last heartbeat (clients fall back on them)
+        self.known_nodes: list[str] = [ws_url]
         self._redis = aioredis.Redis.from_url(
             redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True
         )
@@ -163,6 +165,8 @@ class Cluster:
             pipe.pexpire(key, self._ttl_ms)
             pipe.zadd(f"{PREFIX}load", {self.node_id: len(rooms)})
             await pipe.execute()
+        self.known_nodes = sorted({str(n.get("ws")) for n in (await self.nodes()).values() if n.get("ws")}
+                                  | {self.ws_url})
         for room in rooms:
             owner = await self._renew(keys=[f"{PREFIX}room:{room}"], args=[self.node_id, self._ttl_ms])
             if owner != self.node_id:

@@ -85,6 +85,15 @@ class Settings(BaseSettings):
     turn_total_quota: int = Field(1200, ge=0, description="Max allocations in total (0: unlimited).")
     turn_max_bps: int = Field(0, ge=0, description="Max bytes/s per TURN session (0: unlimited).")
 
+    # --- cluster (several nodes on one Redis; see docs/cluster.md) ----------------------------------------
+    redis_url: str | None = Field(None, description="Redis shared by the nodes, e.g. redis://127.0.0.1:6379/0. "
+                                  "Unset: a single node with an in-memory registry.")
+    node_url: str | None = Field(None, description="This node's websocket URL as clients reach it "
+                                 "(default ws://host:port/ws); other nodes redirect joins here.")
+    node_id: str | None = Field(None, description="This node's id in the cluster (default: derived from node_url).")
+    node_ttl: float = Field(5.0, ge=1.0, le=60.0, description="Seconds after its last heartbeat a node (and its "
+                            "rooms) expire.")
+
     # --- MCU rooms ----------------------------------------------------------------------------------------
     mcu_width: int = Field(640, ge=64, le=1920, description="Composite width of MCU rooms (a join may ask less).")
     mcu_height: int = Field(480, ge=64, le=1080, description="Composite height of MCU rooms.")

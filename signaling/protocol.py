@@ -74,8 +74,9 @@ def response(request_id: int | None, data: dict[str, Any]) -> str:
     return json.dumps({"type": "res", "id": request_id, "ok": True, "data": data})
 
 
-def error_response(request_id: int | None, code: str, reason: str) -> str:
-    return json.dumps({"type": "res", "id": request_id, "ok": False, "error": {"code": code, "reason": reason}})
+def error_response(request_id: int | None, code: str, reason: str, extra: dict[str, Any] | None = None) -> str:
+    error = {"code": code, "reason": reason, **(extra or {})}
+    return json.dumps({"type": "res", "id": request_id, "ok": False, "error": error})
 
 
 def notification(method: str, data: dict[str, Any]) -> str:

@@ -116,6 +116,12 @@ class Room:
         session.removed(reason)
         await self.leave(peer_id, reason)
 
+    def spawn_close(self, reason: str) -> None:
+        """Close the room from synchronous code (the task belongs to the room's event loop)."""
+        task = asyncio.ensure_future(self.close(reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self, reason: str = "closed") -> None:
         """Close the room: every participant gets ``left``, the router closes. Idempotent."""
         if self.closed:
@@ -129,7 +135,8 @@ class Room:
         self.sessions.clear()
         await self.router.close()
         for task in self._tasks:
-            task.cancel()
+            if task is not asyncio.current_task():
+                task.cancel()
         self._on_empty(self)
 
     def set_muted(self, track_id: str, muted: bool) -> dict[str, Any]:
@@ -171,6 +178,8 @@ class RoomRegistry:
                  mcu_defaults: McuOptions | None = None) -> None:
         self.rooms: dict[str, Room] = {}
         self.mcu_defaults = mcu_defaults
+        #: called with each room that closes (the cluster releases its placement)
+        self.on_room_closed: list[Callable[[Room], None]] = []
         self.max_rooms = max_rooms
         self.max_peers_per_room = max_peers_per_room
         self._emit: Emit = emit or (lambda event, data: None)
@@ -204,6 +213,8 @@ class RoomRegistry:
             del self.rooms[room.id]
             room.log.info("room closed")
             self._emit("room_finished", {"room": room.id})
+            for callback in self.on_room_closed:
+                callback(room)
 
     async def close(self) -> None:
         for room in list(self.rooms.values()):

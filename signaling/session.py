@@ -16,10 +16,11 @@ from sfu.mcu import MODES, McuOptions
 from sfu.peer import new_id
 
 from . import protocol
-from .protocol import ProtocolError, bad_request, get_bool, get_optional_str, get_sdp, get_str
 from .auth import Grants, forbidden
+from .cluster import Cluster, Redirect
 from .config import Settings
 from .limits import RateLimiter
+from .protocol import ProtocolError, bad_request, get_bool, get_optional_str, get_sdp, get_str
 from .room import Room, RoomRegistry
 
 logger = logging.getLogger("chorus.session")
@@ -41,8 +42,9 @@ class Session:
 
     def __init__(self, ws: web.WebSocketResponse, registry: RoomRegistry, settings: Settings, *,
                  ice_servers: Callable[[str], list[dict[str, Any]]], verify_token: Callable[[object], Grants],
-                 remote: str | None, join_limiter: RateLimiter | None = None,
+                 remote: str | None, join_limiter: RateLimiter | None = None, cluster: Cluster | None = None,
                  on_error: Callable[[str], None] = lambda code: None) -> None:
+        self.cluster = cluster
         self.ws = ws
         self.registry = registry
         self.settings = settings
@@ -122,7 +124,8 @@ class Session:
         except ChorusError as exc:
             request_id = getattr(exc, "request_id", request_id)
             self._on_error(exc.code)
-            self._send(protocol.error_response(request_id, exc.code, exc.reason))
+            extra = {"url": exc.url} if isinstance(exc, Redirect) else None
+            self._send(protocol.error_response(request_id, exc.code, exc.reason, extra))
         except Exception:
             self.log.error("request failed", exc_info=True, request=request_id)
             self._on_error("internal_error")
@@ -177,6 +180,11 @@ class Session:
             mcu = McuOptions.from_dict(data["mcu"]) if data.get("mcu") is not None else None
         except ValueError as exc:
             raise bad_request(str(exc)) from None
+        if self.cluster is not None:
+            # Rooms live on one node of the cluster: join there (the client follows the redirect).
+            url = await self.cluster.place(room_id, hosted_here=room_id in self.registry.rooms)
+            if url is not None:
+                raise Redirect(room_id, url)
         room = self.registry.get_or_create(room_id, mode=mode, mcu=mcu)
         peer_id = new_id("p")
         peer = await room.join(self, peer_id, name, identity=identity, subscribe=grants.can_subscribe)
@@ -194,6 +202,7 @@ class Session:
             "ice_servers": self._ice_servers(peer_id),
             "can_publish": grants.can_publish,
             "can_subscribe": grants.can_subscribe,
+            "nodes": self.cluster.known_nodes if self.cluster is not None else [],
         }
 
     async def on_publish(self, data: dict[str, Any]) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class WebhookSender:
                         self._on_outcome("delivered")
                         return
                     problem = f"HTTP {response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             logger.warning("webhook delivery failed", extra={"chorus": {
                 "url": url, "event": event, "delivery": delivery, "attempt": attempt + 1, "problem": problem}})

@@ -9,11 +9,12 @@ const PROTOCOL_VERSION = 1;
 
 /** An error response from the server, or a local failure ('timeout', 'closed'). */
 export class ChorusError extends Error {
-  constructor(code, reason) {
+  constructor(code, reason, url = null) {
     super(`${code}: ${reason}`);
     this.name = 'ChorusError';
     this.code = code;
     this.reason = reason;
+    this.url = url; // for 'redirect': the node hosting the room
   }
 }
 
@@ -92,7 +93,7 @@ export class SignalClient extends Emitter {
       this._pending.delete(msg.id);
       clearTimeout(pending.timer);
       if (msg.ok) pending.resolve(msg.data || {});
-      else pending.reject(new ChorusError(msg.error?.code || 'unknown', msg.error?.reason || ''));
+      else pending.reject(new ChorusError(msg.error?.code || 'unknown', msg.error?.reason || '', msg.error?.url));
     }
   }
 
@@ -221,8 +222,21 @@ export class RoomClient extends Emitter {
 
   // --- connection --------------------------------------------------------------------------------
 
-  // Open a websocket, join, and create a fresh subscribe connection.
+  // Open a websocket, join (following a cluster's redirect to the node hosting the room), and create a
+  // fresh subscribe connection.
   async _connect() {
+    for (let hops = 0; ; hops++) {
+      try {
+        return await this._connectOnce();
+      } catch (error) {
+        if (error.code !== 'redirect' || !error.url || hops >= 3) throw error;
+        this.signal?.close();
+        this.url = error.url;
+      }
+    }
+  }
+
+  async _connectOnce() {
     const signal = (this.signal = new SignalClient(this.url));
     signal.on('close', () => this._onSignalClose(signal));
     const handlers = {
@@ -242,6 +256,7 @@ export class RoomClient extends Emitter {
     if (this.token) request.token = this.token;
     const response = await signal.request('join', request);
     this.peerId = response.peer_id;
+    this.nodes = response.nodes || []; // the cluster's nodes: where to go if this one dies
     this.iceServers = (response.ice_servers || []).map(({ urls, username, credential }) => ({
       urls, username, credential,
     }));
@@ -285,6 +300,9 @@ export class RoomClient extends Emitter {
       } catch (error) {
         console.warn('chorus: reconnection failed', error);
         if (this.state === 'reconnecting') this._teardown();
+        // Try the next node of the cluster (any node redirects to the one hosting the room).
+        const urls = [...new Set([this.url, ...(this.nodes || [])])];
+        this.url = urls[(urls.indexOf(this.url) + 1) % urls.length];
       }
     }
   }
