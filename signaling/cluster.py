@@ -165,8 +165,7 @@ class Cluster:
             pipe.pexpire(key, self._ttl_ms)
             pipe.zadd(f"{PREFIX}load", {self.node_id: len(rooms)})
             await pipe.execute()
-        self.known_nodes = sorted({str(n.get("ws")) for n in (await self.nodes()).values() if n.get("ws")}
-                                  | {self.ws_url})
+        await self.node_urls()
         for room in rooms:
             owner = await self._renew(keys=[f"{PREFIX}room:{room}"], args=[self.node_id, self._ttl_ms])
             if owner != self.node_id:
@@ -209,6 +208,15 @@ class Cluster:
                 found[key.removeprefix(f"{PREFIX}node:")] = data
         return found
 
+    async def node_urls(self) -> list[str]:
+        """Websocket URLs of the live nodes, read now (the last heartbeat's list if Redis is away)."""
+        try:
+            self.known_nodes = sorted({str(n["ws"]) for n in (await self.nodes()).values() if n.get("ws")}
+                                      | {self.ws_url})
+        except (RedisError, OSError):
+            pass
+        return self.known_nodes
+
     async def owner(self, room: str) -> str | None:
         return await self._redis.get(f"{PREFIX}room:{room}")  # type: ignore[no-any-return]
 
@@ -219,24 +227,32 @@ class Cluster:
         :raises Unavailable: Redis cannot be reached and the room is not hosted here.
         """
         try:
-            if hosted_here:
-                owner = await self._renew(keys=[f"{PREFIX}room:{room}"], args=[self.node_id, self._ttl_ms])
-            else:
-                nodes = await self.nodes()
-                owner = await self._place(keys=[f"{PREFIX}room:{room}", f"{PREFIX}load"],
-                                          args=[self._ttl_ms, *nodes])
-            if owner is None:
-                raise Unavailable("no live node can host the room")
-            if owner == self.node_id:
-                return None
-            url = await self._redis.hget(f"{PREFIX}node:{owner}", "ws")
-            if url is None:
-                raise Unavailable(f"room {room!r} is being moved; try again")
-            return str(url)
+            return await self._place_once(room, hosted_here=hosted_here)
+        except (RedisError, OSError):
+            # After an outage the pool may hand out a dead connection once; the retry gets a fresh one.
+            pass
+        try:
+            return await self._place_once(room, hosted_here=hosted_here)
         except (RedisError, OSError) as exc:
             if hosted_here:
                 return None  # keep serving our own rooms through an outage
             raise Unavailable(f"the cluster registry is unreachable ({type(exc).__name__})") from exc
+
+    async def _place_once(self, room: str, *, hosted_here: bool) -> str | None:
+        if hosted_here:
+            owner = await self._renew(keys=[f"{PREFIX}room:{room}"], args=[self.node_id, self._ttl_ms])
+        else:
+            nodes = await self.nodes()
+            owner = await self._place(keys=[f"{PREFIX}room:{room}", f"{PREFIX}load"],
+                                      args=[self._ttl_ms, *nodes])
+        if owner is None:
+            raise Unavailable("no live node can host the room")
+        if owner == self.node_id:
+            return None
+        url = await self._redis.hget(f"{PREFIX}node:{owner}", "ws")
+        if url is None:
+            raise Unavailable(f"room {room!r} is being moved; try again")
+        return str(url)
 
     async def release(self, room: str) -> None:
         try:

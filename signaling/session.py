@@ -185,6 +185,9 @@ class Session:
             url = await self.cluster.place(room_id, hosted_here=room_id in self.registry.rooms)
             if url is not None:
                 raise Redirect(room_id, url)
+        # Read before joining: nothing may be awaited between joining and answering, or the first subscribe
+        # offer (sent by the new peer's negotiation task) could overtake the join response.
+        nodes = await self.cluster.node_urls() if self.cluster is not None else []
         room = self.registry.get_or_create(room_id, mode=mode, mcu=mcu)
         peer_id = new_id("p")
         peer = await room.join(self, peer_id, name, identity=identity, subscribe=grants.can_subscribe)
@@ -202,7 +205,7 @@ class Session:
             "ice_servers": self._ice_servers(peer_id),
             "can_publish": grants.can_publish,
             "can_subscribe": grants.can_subscribe,
-            "nodes": self.cluster.known_nodes if self.cluster is not None else [],
+            "nodes": nodes,
         }
 
     async def on_publish(self, data: dict[str, Any]) -> dict[str, Any]:

@@ -238,6 +238,10 @@ export class RoomClient extends Emitter {
 
   async _connectOnce() {
     const signal = (this.signal = new SignalClient(this.url));
+    // Offers that arrive before the join response (and so before the subscribe connection) wait for it.
+    let joined;
+    this._joinedGate = new Promise((resolve) => (joined = resolve));
+    this._offers = Promise.resolve(); // nothing queued for an earlier socket may hold these up
     signal.on('close', () => this._onSignalClose(signal));
     const handlers = {
       peer_joined: (d) => this._onPeerJoined(d),
@@ -262,6 +266,7 @@ export class RoomClient extends Emitter {
     }));
     this._syncPeers(response.peers || []);
     this.subscribePc = this._newPc('subscribe');
+    joined();
     this._watch(signal);
     return response;
   }
@@ -399,7 +404,9 @@ export class RoomClient extends Emitter {
   }
 
   _onOffer(signal, offer) {
+    const gate = this._joinedGate;
     this._offers = this._offers
+      .then(() => gate)
       .then(() => signal === this.signal && this._answer(offer))
       .catch((error) => console.warn('chorus: cannot answer the subscribe offer', error));
   }
