@@ -340,7 +340,7 @@ class Peer:
                 await self._send_offer(self, pc.localDescription.sdp, consumers, restart)
                 try:
                     await asyncio.wait_for(asyncio.shield(self._answer), ANSWER_TIMEOUT)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self._fail("no answer to the subscribe offer")
                     return
                 finally:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import secrets
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -156,7 +156,9 @@ class ChorusClient:
         if self._session is not None:
             await self._session.close()
 
-    async def request(self, method: str, data: dict[str, Any] | None = None, *, timeout: float = 15.0) -> dict[str, Any]:
+    async def request(
+        self, method: str, data: dict[str, Any] | None = None, *, timeout: float = 15.0
+    ) -> dict[str, Any]:
         assert self._ws is not None, "connect() first"
         request_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -205,7 +207,7 @@ class ChorusClient:
                     logger.info("reconnected to %s", self.url)
                     self.reconnected.set()
                     return
-                except (OSError, aiohttp.ClientError, RequestError, asyncio.TimeoutError, ConnectionError) as exc:
+                except (TimeoutError, OSError, aiohttp.ClientError, RequestError, ConnectionError) as exc:
                     logger.info("reconnection to %s failed: %s", url, exc)
                     await self._disconnect()
 

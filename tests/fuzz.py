@@ -16,9 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-
 from fuzz_targets import TARGETS, save_failure  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 
 def fuzz(name: str, seconds: float) -> bool:

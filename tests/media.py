@@ -126,7 +126,7 @@ async def count_frames(track: MediaStreamTrack, seconds: float) -> int:
     while (left := deadline - time.monotonic()) > 0:
         try:
             await asyncio.wait_for(track.recv(), left)
-        except (asyncio.TimeoutError, MediaStreamError):
+        except (TimeoutError, MediaStreamError):
             break
         n += 1
     return n

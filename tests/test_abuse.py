@@ -13,12 +13,12 @@ from typing import Any
 import aiohttp
 from aiortc import RTCRtpSender
 from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
-
 from conftest import ServerProcess, connect
 from media import EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
+from test_group_call import Received
+
 from sfu import aiortc_adapter
 from signaling.client import ChorusClient
-from test_group_call import Received
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack, count_frames
+from test_group_call import Received
+
 from signaling import auth
 from signaling.client import ChorusClient, RequestError
-from test_group_call import Received
 
 SECRET = "test-secret-" + "x" * 40
 WEBHOOK_SECRET = "webhook-secret-" + "y" * 20

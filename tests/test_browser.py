@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-
 from browser import CHROMIUM, FLAGS, INBOUND_STATS, PER_STREAM_FRAMES, wait_until
 from conftest import ServerProcess
 

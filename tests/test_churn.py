@@ -16,8 +16,9 @@ from typing import Any
 
 from conftest import ServerProcess, connect
 from media import EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
-from signaling.client import ChorusClient
 from test_group_call import Received
+
+from signaling.client import ChorusClient
 
 CYCLES = int(os.environ.get("CHORUS_CHURN_CYCLES", "100"))
 EXACT = ("peer_connections", "peers", "producers", "consumers", "tasks", "threads", "fds", "udp_sockets")

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from browser import CHROMIUM, FLAGS, INBOUND_STATS, wait_until
 from conftest import ServerProcess, connect, free_port
 from media import ColorTrack, EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
-from signaling.client import ChorusClient, RequestError
 from test_group_call import Received
+
+from signaling.client import ChorusClient, RequestError
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 

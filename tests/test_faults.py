@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
 from browser import CHROMIUM, FLAGS, INBOUND_STATS, PER_STREAM_FRAMES, wait_until
 from conftest import ServerProcess, connect
 from media import EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
-from signaling.client import ChorusClient
 from test_group_call import Received
+
+from signaling.client import ChorusClient
 
 HERE = Path(__file__).resolve().parent
 playwright_api = pytest.importorskip("playwright.async_api")

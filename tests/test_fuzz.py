@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-
 from conftest import ServerProcess, connect
 from fuzz_targets import CORPUS, TARGETS, check_datagram, check_parse_sdp, check_publish
+from hypothesis import HealthCheck, given, settings
+
 from sfu.errors import InvalidSdpError
 from sfu.peer import parse_sdp
 from signaling.client import ChorusClient, RequestError

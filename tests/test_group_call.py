@@ -6,9 +6,9 @@ import asyncio
 from typing import Any
 
 from aiortc import MediaStreamTrack
-
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack, collect_audio, count_frames, dominant_frequency
+
 from signaling.client import ChorusClient
 
 
@@ -44,7 +44,7 @@ async def test_three_peers_see_and_hear_each_other(server: ServerProcess, client
         await client.publish(SineTrack(tone), ColorTrack())
         peers.append((client, received))
 
-    for client, received in peers:
+    for _, received in peers:
         await received.wait(4)  # audio + video from each of the two others
 
     # Every remote video decodes at least 20 frames within 10 s.

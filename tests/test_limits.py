@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
-
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack
+
 from signaling.client import ChorusClient, RequestError
 
 ORIGIN = "https://meet.example.org"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import aiohttp
 from aiortc.mediastreams import MediaStreamError
-
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack, count_frames
-from signaling.client import ChorusClient
 from test_group_call import Received
+
+from signaling.client import ChorusClient
 
 HERE = Path(__file__).resolve().parent
 
