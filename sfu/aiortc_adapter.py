@@ -191,7 +191,7 @@ def hook_receiver_rtp(receiver: RTCRtpReceiver, handler: RtpHandler) -> RtpHandl
         its receive statistics, receiver reports and NACK generation.
     """
     original: RtpHandler = receiver._handle_rtp_packet
-    receiver._handle_rtp_packet = handler  # type: ignore[method-assign]
+    receiver._handle_rtp_packet = handler  # type: ignore[method-assign,assignment]
     return original
 
 
@@ -223,7 +223,7 @@ async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
 def hook_sender_rtcp(sender: RTCRtpSender, handler: RtcpHandler) -> RtcpHandler:
     """Route RTCP addressed to ``sender`` through ``handler``; returns the original handler."""
     original: RtcpHandler = sender._handle_rtcp_packet
-    sender._handle_rtcp_packet = handler  # type: ignore[method-assign]
+    sender._handle_rtcp_packet = handler  # type: ignore[method-assign,assignment]
     return original
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiortc import MediaStreamTrack, RTCRtpTransceiver, clock
 from aiortc.rtp import (
@@ -131,7 +131,7 @@ class Consumer:
 
     def _bind(self) -> None:
         codecs = adapter.transceiver_codecs(self.transceiver)
-        self._payload_type = codecs[0].payloadType
+        self._payload_type = cast(int, codecs[0].payloadType)  # always set once negotiated
         self._mid = adapter.sender_mid(self._sender)
         self._ext_map = adapter.sender_header_extensions(self._sender)
         self._bound = True

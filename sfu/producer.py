@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from aiortc import RTCRtpReceiver, RTCRtpTransceiver, clock
 from aiortc.codecs import is_rtx
@@ -80,7 +80,7 @@ class Producer:
         self._last_keyframe_request = 0.0
         self._pending_keyframe: asyncio.TimerHandle | None = None
         self._keyframe_task: asyncio.Task[None] | None = None
-        self._on_close: list[Callable[[Producer], None]] = []
+        self._on_close: list[Callable[[Producer], object]] = []
         adapter.disable_decoding(receiver)
         self._original_handler = adapter.hook_receiver_rtp(receiver, self._handle_rtp)
 
@@ -95,7 +95,7 @@ class Producer:
     def remove_consumer(self, consumer: Consumer) -> None:
         self.consumers.pop(consumer.id, None)
 
-    def on_close(self, callback: Callable[[Producer], None]) -> None:
+    def on_close(self, callback: Callable[[Producer], object]) -> None:
         """Register ``callback(producer)`` to run once when the producer closes."""
         self._on_close.append(callback)
 
@@ -173,7 +173,7 @@ class Producer:
             if original_ssrc is None or len(packet.payload) < 2 or apt != self.codec.payloadType:
                 forward = None  # type: ignore[assignment]
             else:
-                forward = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
+                forward = unwrap_rtx(packet, payload_type=cast(int, apt), ssrc=original_ssrc)  # apt == payloadType
         elif codec is None or packet.payload_type != self.codec.payloadType:
             forward = None  # type: ignore[assignment]
 

@@ -6,6 +6,8 @@ Everything here works on RTP payload bytes; nothing decodes media.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
 
 #: Codecs forwarded without transcoding, by lower-case MIME type.
@@ -90,6 +92,6 @@ def h264_is_keyframe_start(payload: bytes) -> bool:
     return False
 
 
-def keyframe_detector(mime_type: str):  # type: ignore[no-untyped-def]
+def keyframe_detector(mime_type: str) -> Callable[[bytes], bool] | None:
     """The keyframe-start test for a video MIME type, or ``None`` when every packet is decodable (audio)."""
     return {"video/vp8": vp8_is_keyframe_start, "video/h264": h264_is_keyframe_start}.get(mime_type.lower())

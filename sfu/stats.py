@@ -9,6 +9,16 @@ class Totals:
     __slots__ = ("packets_received", "bytes_received", "packets_forwarded", "bytes_forwarded",
                  "keyframe_requests", "nacks", "retransmitted", "plis", "firs")
 
+    packets_received: int
+    bytes_received: int
+    packets_forwarded: int
+    bytes_forwarded: int
+    keyframe_requests: int
+    nacks: int
+    retransmitted: int
+    plis: int
+    firs: int
+
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, 0)

@@ -187,7 +187,8 @@ async def webhook_delivery(app: web.Application) -> AsyncIterator[None]:
 
 
 async def close_websockets(app: web.Application) -> None:
-    for ws in set(app[WEBSOCKETS]):
+    websockets = app[WEBSOCKETS]
+    for ws in set(websockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
 

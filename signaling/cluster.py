@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -205,7 +205,7 @@ class Cluster:
         async for key in self._redis.scan_iter(match=f"{PREFIX}node:*", count=100):
             data = await self._redis.hgetall(key)
             if data:
-                found[key.removeprefix(f"{PREFIX}node:")] = data
+                found[key.removeprefix(f"{PREFIX}node:")] = cast(dict[str, Any], data)  # decode_responses
         return found
 
     async def node_urls(self) -> list[str]:
@@ -218,7 +218,7 @@ class Cluster:
         return self.known_nodes
 
     async def owner(self, room: str) -> str | None:
-        return await self._redis.get(f"{PREFIX}room:{room}")  # type: ignore[no-any-return]
+        return cast("str | None", await self._redis.get(f"{PREFIX}room:{room}"))
 
     async def place(self, room: str, *, hosted_here: bool) -> str | None:
         """
@@ -267,5 +267,5 @@ class Cluster:
         async for key in self._redis.scan_iter(match=f"{PREFIX}room:*", count=500):
             owner = await self._redis.get(key)
             if owner:
-                found[key.removeprefix(f"{PREFIX}room:")] = owner
+                found[key.removeprefix(f"{PREFIX}room:")] = cast(str, owner)
         return found
