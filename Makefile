@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
 SYSTEM_PACKAGES := chromium coturn redis-server docker-compose
 
-.PHONY: run run-cluster test install system-deps lint clean fuzz soak
+.PHONY: run run-cluster test install system-deps lint clean fuzz soak bench bench-deps
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,7 +34,7 @@ run: install
 run-cluster: install system-deps
 	scripts/run-cluster
 
-test: install system-deps
+test: install system-deps bench-deps
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 # Fuzz every untrusted-input entry point for FUZZ_SECONDS (default 300) each; failures land in tests/fuzz_corpus.
@@ -45,9 +45,21 @@ fuzz: install
 soak: install
 	CHORUS_CHURN_CYCLES=1000 $(PY) -m pytest -s -o timeout=1800 tests/test_churn.py
 
+# Chorus against Janus (and aiortc's MediaRelay) under the same load, side by side: ~6 minutes.
+# gcc builds a tiny preload library that makes Janus gather candidates on loopback only.
+BENCH_PACKAGES := janus gcc libc6-dev
+bench-deps:
+	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing system packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi
+
+bench: install bench-deps
+	$(PY) -m bench $(BENCH_ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check sfu signaling turn tests
-	$(VENV)/bin/mypy sfu signaling
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

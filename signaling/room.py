@@ -162,8 +162,12 @@ class Room:
         self.broadcast("track_unpublished", {"peer_id": peer.id, "track_id": producer.id}, exclude=peer.id)
 
     def peer_failed(self, peer: Peer, reason: str) -> None:
-        if peer.id in self.sessions:
-            self._spawn(self.remove(peer.id, reason))
+        async def remove() -> None:
+            # The peer may be gone by the time this runs (its websocket closed too): nothing to do then.
+            if peer.id in self.sessions:
+                await self.remove(peer.id, reason)
+
+        self._spawn(remove())
 
     async def _send_offer(self, peer: Peer, sdp: str, consumers: list[dict[str, Any]], restart: bool) -> None:
         session = self.sessions.get(peer.id)

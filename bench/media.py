@@ -1,0 +1,270 @@
+"""
+Load-generator media: a VP8 clip and Opus packets encoded once, sent as pre-encoded ``av.Packet``s.
+
+Every encoded frame carries its send time so that subscribers can measure one-way latency without
+decoding (publisher and subscribers run on the same machine, so they share ``time.time()``):
+
+* VP8: a 12-byte trailer ``MAGIC + float64 send time`` is appended to the frame. It falls inside the
+  frame's last partition, whose length is implicit, so a decoder never reads it; the servers under test
+  never look past the VP8 payload descriptor.
+* Opus: each packet (code 0, one 20 ms frame) is rewritten as a code 3 packet whose *padding* is the same
+  12 bytes: a standard Opus decoder skips padding (RFC 6716 §3.2.5).
+
+The receiving side finds the trailer at the end of the last RTP packet of a frame (the marker packet),
+or split over the last two packets (aiortc's VP8 packetizer can leave a tiny last packet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import hashlib
+import math
+import os
+import pickle
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+MAGIC = b"CHbt"
+TRAILER = struct.Struct("!4sd")  # magic, send time (time.time(), seconds)
+TRAILER_SIZE = TRAILER.size  # 12
+
+VIDEO_WIDTH = 640
+VIDEO_HEIGHT = 480
+VIDEO_FPS = 30
+VIDEO_BITRATE = 660_000
+CLIP_SECONDS = 4  # a whole number of GOPs, so the loop boundary is a keyframe
+AUDIO_RATE = 48000
+AUDIO_PTIME = 0.020
+AUDIO_BITRATE = 32_000
+
+
+@dataclass
+class Clip:
+    """The encoded media every publisher sends (looping)."""
+
+    video: list[bytes]  # one VP8 frame each, VIDEO_FPS per second; video[0] is a keyframe
+    keyframes: list[int]
+    audio: list[bytes]  # one 20 ms Opus packet each
+
+    @property
+    def video_kbps(self) -> float:
+        return sum(map(len, self.video)) * 8 / (len(self.video) / VIDEO_FPS) / 1000
+
+    @property
+    def audio_kbps(self) -> float:
+        return sum(map(len, self.audio)) * 8 / (len(self.audio) * AUDIO_PTIME) / 1000
+
+
+def _video_image(i: int) -> np.ndarray:
+    """A frame with real motion (moving gradients, a bouncing block, a little noise) so inter frames are
+    not trivially small."""
+    h, w = VIDEO_HEIGHT, VIDEO_WIDTH
+    y, x = np.mgrid[0:h, 0:w]
+    t = i / VIDEO_FPS
+    r = (127 + 120 * np.sin(x / 37.0 + t * 2.1)).astype(np.uint8)
+    g = (127 + 120 * np.sin(y / 23.0 - t * 1.7)).astype(np.uint8)
+    b = (127 + 120 * np.sin((x + y) / 51.0 + t * 3.3)).astype(np.uint8)
+    image = np.stack([r, g, b], axis=-1)
+    bx = int((w - 120) * (0.5 + 0.5 * math.sin(t * 1.3)))
+    by = int((h - 120) * (0.5 + 0.5 * math.cos(t * 0.9)))
+    image[by : by + 120, bx : bx + 120] = (255, 255, 255)
+    rng = np.random.default_rng(i // 3)
+    noise = rng.integers(0, 12, size=(h // 8, w // 8, 1), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    return image - np.minimum(image, noise)
+
+
+def _encode_video() -> tuple[list[bytes], list[int]]:
+    codec = av.CodecContext.create("libvpx", "w")
+    codec.width, codec.height = VIDEO_WIDTH, VIDEO_HEIGHT
+    codec.pix_fmt = "yuv420p"
+    codec.time_base = fractions.Fraction(1, VIDEO_FPS)
+    codec.framerate = fractions.Fraction(VIDEO_FPS, 1)
+    codec.bit_rate = VIDEO_BITRATE
+    codec.gop_size = VIDEO_FPS  # a keyframe every second
+    codec.options = {
+        "deadline": "realtime",
+        "cpu-used": "8",
+        "lag-in-frames": "0",
+        "auto-alt-ref": "0",
+        "keyint_min": str(VIDEO_FPS),
+        "minrate": str(VIDEO_BITRATE),
+        "maxrate": str(VIDEO_BITRATE),
+        "b": str(VIDEO_BITRATE),
+        "undershoot-pct": "95",
+        "max-intra-rate": "2000",  # as libwebrtc: a keyframe is at most ~9 average frames
+    }
+    frames: list[bytes] = []
+    keyframes: list[int] = []
+    total = CLIP_SECONDS * VIDEO_FPS
+    for i in range(total):
+        frame = av.VideoFrame.from_ndarray(_video_image(i), format="rgb24").reformat(format="yuv420p")
+        frame.pts = i
+        frame.pict_type = av.video.frame.PictureType.I if i % VIDEO_FPS == 0 else av.video.frame.PictureType.NONE
+        for packet in codec.encode(frame):
+            if packet.is_keyframe:
+                keyframes.append(len(frames))
+            frames.append(bytes(packet))
+    for packet in codec.encode(None):
+        if packet.is_keyframe:
+            keyframes.append(len(frames))
+        frames.append(bytes(packet))
+    return frames[:total], [k for k in keyframes if k < total]
+
+
+def _encode_audio() -> list[bytes]:
+    codec = av.CodecContext.create("libopus", "w")
+    codec.sample_rate = AUDIO_RATE
+    codec.layout = "stereo"
+    codec.format = "s16"
+    codec.bit_rate = AUDIO_BITRATE
+    codec.time_base = fractions.Fraction(1, AUDIO_RATE)
+    samples = int(AUDIO_RATE * AUDIO_PTIME)
+    packets: list[bytes] = []
+    for i in range(CLIP_SECONDS * int(1 / AUDIO_PTIME)):
+        t = (np.arange(samples) + i * samples) / AUDIO_RATE
+        tone = 0.3 * np.sin(2 * math.pi * 440 * t) * (0.6 + 0.4 * np.sin(2 * math.pi * 3 * t))
+        pcm = (tone * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(np.stack([pcm, pcm]).T.reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = i * samples
+        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        packets += [bytes(p) for p in codec.encode(frame)]
+    packets += [bytes(p) for p in codec.encode(None)]
+    return packets
+
+
+def clip_path() -> Path:
+    key = hashlib.sha256(
+        repr((VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_FPS, VIDEO_BITRATE, CLIP_SECONDS, AUDIO_BITRATE, av.__version__, 2))
+        .encode()
+    ).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"chorus-bench-clip-{key}.pickle"
+
+
+def load_clip() -> Clip:
+    """The clip, encoded on first use and cached in the temp folder."""
+    path = clip_path()
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                clip = pickle.load(f)
+            if isinstance(clip, Clip):
+                return clip
+        except Exception:  # noqa: BLE001 - a broken cache is re-encoded
+            pass
+    video, keyframes = _encode_video()
+    clip = Clip(video=video, keyframes=keyframes, audio=_encode_audio())
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(clip, f)
+    os.replace(tmp, path)
+    return clip
+
+
+# --- send-time trailers --------------------------------------------------------------------------------
+
+
+def tag_vp8(frame: bytes, send_time: float) -> bytes:
+    return frame + TRAILER.pack(MAGIC, send_time)
+
+
+def tag_opus(packet: bytes, send_time: float) -> bytes:
+    """Rewrite a code 0 Opus packet as code 3 with the trailer as padding; other packets get a bare trailer
+    (still found by the receiver, but a decoder would read it as frame data)."""
+    if packet and packet[0] & 0x03 == 0:
+        # TOC with c=3, frame count byte: v=0 (CBR), p=1 (padding), M=1; padding length; frame; padding.
+        return bytes((packet[0] | 0x03, 0x41, TRAILER_SIZE)) + packet[1:] + TRAILER.pack(MAGIC, send_time)
+    return packet + TRAILER.pack(MAGIC, send_time)
+
+
+def read_trailer(data: bytes) -> float | None:
+    """The send time in the last 12 bytes of ``data``, or None."""
+    if len(data) < TRAILER_SIZE:
+        return None
+    magic, send_time = TRAILER.unpack_from(data, len(data) - TRAILER_SIZE)
+    return send_time if magic == MAGIC else None
+
+
+class _PacedTrack(MediaStreamTrack):
+    """Returns pre-encoded packets in real time with monotonically increasing pts, stamped with send time."""
+
+    def __init__(self, packets: list[bytes], rate: float, time_base: fractions.Fraction, pts_step: int,
+                 start: float | None = None) -> None:
+        super().__init__()
+        self._packets = packets
+        self._rate = rate
+        self._time_base = time_base
+        self._pts_step = pts_step
+        self._n = 0
+        self._offset = 0
+        self._start = start
+        self.sent = 0
+
+    def _tag(self, data: bytes, now: float) -> bytes:
+        raise NotImplementedError
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.time()
+        wait = self._start + self._n / self._rate - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        packet = av.Packet(self._tag(self._packets[(self._n + self._offset) % len(self._packets)], time.time()))
+        packet.pts = self._n * self._pts_step
+        packet.time_base = self._time_base
+        self._n += 1
+        self.sent += 1
+        return packet
+
+
+class ClipVideoTrack(_PacedTrack):
+    """
+    The VP8 clip. Like a real encoder it answers keyframe requests (PLI/FIR): aiortc's sender records them
+    in a flag meant for its encoder, which this track reads (set :attr:`sender` once the track is added)
+    and answers by skipping ahead to the clip's next keyframe.
+    """
+
+    kind = "video"
+
+    def __init__(self, clip: Clip) -> None:
+        super().__init__(clip.video, VIDEO_FPS, fractions.Fraction(1, VIDEO_FPS), 1)
+        self.sender: Any = None
+        self.keyframes_forced = 0
+        self._keyframes = sorted(clip.keyframes) or [0]
+        self._offset = 0
+
+    def _tag(self, data: bytes, now: float) -> bytes:
+        sender = self.sender
+        if sender is not None and getattr(sender, "_RTCRtpSender__force_keyframe", False):
+            sender._RTCRtpSender__force_keyframe = False
+            size = len(self._packets)
+            index = (self._n + self._offset) % size
+            if index not in self._keyframes:
+                following = next((k for k in self._keyframes if k > index), self._keyframes[0] + size)
+                self._offset += following - index
+                self.keyframes_forced += 1
+                data = self._packets[(self._n + self._offset) % size]
+        return tag_vp8(data, now)
+
+
+class ClipAudioTrack(_PacedTrack):
+    kind = "audio"
+
+    def __init__(self, clip: Clip) -> None:
+        samples = int(AUDIO_RATE * AUDIO_PTIME)
+        super().__init__(clip.audio, 1 / AUDIO_PTIME, fractions.Fraction(1, AUDIO_RATE), samples)
+
+    def _tag(self, data: bytes, now: float) -> bytes:
+        return tag_opus(data, now)

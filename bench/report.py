@@ -1,0 +1,189 @@
+"""Turning runs into the summary: added latency, Chorus/Janus ratios, the targets, a text table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from typing import Any
+
+import aiortc
+
+from . import janus
+
+
+def machine() -> dict[str, Any]:
+    model = None
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                     None)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    janus_version = None
+    binary = janus.janus_binary()
+    if binary:
+        try:
+            out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5).stdout
+            janus_version = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                                  if line.startswith("Janus version")), None)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiortc": aiortc.__version__,
+        "janus": janus_version,
+    }
+
+
+def add_derived(runs: list[dict[str, Any]]) -> None:
+    """Added latency against each server's 1-subscriber run (video against video, audio against audio)."""
+    reference = {r["server"]: r for r in runs if r["scenario"] == "fanout-1" and r.get("latency_p50_ms") is not None}
+    for run in runs:
+        ref = reference.get(run["server"])
+        if ref is None or run.get("latency_p50_ms") is None:
+            continue
+        if run["latency_kind"] == "video":
+            base50, base95 = ref["latency_p50_ms"], ref["latency_p95_ms"]
+        else:
+            base50, base95 = ref.get("audio_latency_p50_ms"), ref.get("audio_latency_p95_ms")
+        if base50 is None or base95 is None:
+            continue
+        run["added_latency_p50_ms"] = round(run["latency_p50_ms"] - base50, 3)
+        run["added_latency_p95_ms"] = round(run["latency_p95_ms"] - base95, 3)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 2)
+
+
+def ratios(runs: list[dict[str, Any]], server: str = "chorus", other: str = "janus") -> list[dict[str, Any]]:
+    by_key = {(r["scenario"], r["server"]): r for r in runs}
+    out = []
+    for run in runs:
+        if run["server"] != server:
+            continue
+        peer = by_key.get((run["scenario"], other))
+        if peer is None or "server_cpu" not in run or "server_cpu" not in peer:
+            continue
+        out.append({
+            "scenario": run["scenario"], "title": run["title"], "versus": other,
+            "cpu_per_stream": _ratio(run["cpu_pct_per_stream"], peer["cpu_pct_per_stream"]),
+            "us_per_packet": _ratio(run.get("us_per_packet"), peer.get("us_per_packet")),
+            "rss": _ratio(run.get("rss_mb"), peer.get("rss_mb")),
+            "latency_p50": _ratio(run.get("latency_p50_ms"), peer.get("latency_p50_ms")),
+            "first_frame_p50": _ratio(run.get("first_frame_p50_ms"), peer.get("first_frame_p50_ms")),
+            "valid": bool(run.get("valid") and peer.get("valid")),
+        })
+    return out
+
+
+def targets(runs: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, as measured in this run (reported, never asserted)."""
+    chorus = {r["scenario"]: r for r in runs if r["server"] == "chorus" and "server_cpu" in r}
+    ratio = {r["scenario"]: r for r in ratio_rows}
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: Any, ok: bool | None, detail: str = "") -> None:
+        rows.append({"target": name, "value": value, "met": ok, "detail": detail})
+
+    r50 = ratio.get("fanout-50")
+    value = r50["cpu_per_stream"] if r50 else None
+    add("CPU per forwarded video stream ≤ 2× Janus at 1×50", value, None if value is None else value <= 2.0,
+        "Chorus/Janus ratio of CPU per forwarded stream")
+    c100 = chorus.get("fanout-100")
+    if c100 is not None and c100.get("fps") is not None:
+        ok = c100["loss_pct"] < 1.0 and c100["fps"] >= 29 and not c100.get("saturated", False)
+        add("1×100 on one core: < 1 % loss, ≥ 29 fps", f"{c100['loss_pct']} % loss, {c100['fps']} fps", ok,
+            f"server core {((c100.get('server_core_busy') or c100['server_cpu']) * 100):.0f}% busy")
+    else:
+        add("1×100 on one core: < 1 % loss, ≥ 29 fps", None, None)
+    c50 = chorus.get("fanout-50")
+    if c50 is not None and c50.get("added_latency_p50_ms") is not None:
+        a50, a95 = c50["added_latency_p50_ms"], c50["added_latency_p95_ms"]
+        add("added latency at 1×50 vs 1×1: p50 ≤ 5 ms, p95 ≤ 15 ms", f"p50 {a50} ms, p95 {a95} ms",
+            a50 <= 5 and a95 <= 15)
+    else:
+        add("added latency at 1×50 vs 1×1: p50 ≤ 5 ms, p95 ≤ 15 ms", None, None)
+    firsts = [(r["title"], r["first_frame_p50_ms"]) for r in chorus.values()
+              if r["scenario"].startswith("fanout-") and r.get("first_frame_p50_ms") is not None]
+    if firsts:
+        worst = max(v for _, v in firsts)
+        add("join → first frame ≤ 500 ms p50", f"{worst:.0f} ms (worst fan-out p50)", worst <= 500,
+            ", ".join(f"{t}: {v:.0f} ms" for t, v in firsts))
+    else:
+        add("join → first frame ≤ 500 ms p50", None, None)
+    return rows
+
+
+# --- text ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and spec:
+        return format(value, spec)
+    return str(value)
+
+
+COLUMNS = [
+    ("scenario", "title", ""), ("server", "server", ""), ("streams", "streams", ""),
+    ("CPU s/s", "server_cpu", ".3f"), ("%core/stream", "cpu_pct_per_stream", ".3f"),
+    ("µs/pkt", "us_per_packet", ".1f"), ("fps", "fps", ".1f"), ("kbps", "video_kbps", ".0f"),
+    ("loss %", "loss_pct", ".2f"), ("lat p50", "latency_p50_ms", ".2f"), ("lat p95", "latency_p95_ms", ".2f"),
+    ("+p50", "added_latency_p50_ms", ".2f"), ("+p95", "added_latency_p95_ms", ".2f"),
+    ("1st frame p50", "first_frame_p50_ms", ".0f"), ("RSS MB", "rss_mb", ".0f"),
+    ("gen core %", "generator_core_busy", ""), ("notes", "notes", ""),
+]
+
+
+def _cell(run: dict[str, Any], key: str, spec: str) -> str:
+    value = run.get(key)
+    if key == "generator_core_busy":
+        return "–" if value is None else f"{value * 100:.0f}"
+    if key == "notes":
+        notes = list(value or [])
+        if run.get("error"):
+            notes.append(run["error"][:60])
+        return "; ".join(notes)
+    if key == "video_kbps" and value is None:
+        value = run.get("audio_kbps")
+    return _fmt(value, spec)
+
+
+def table(runs: list[dict[str, Any]], markdown: bool = False) -> str:
+    header = [c[0] for c in COLUMNS]
+    rows = [[_cell(r, key, spec) for _, key, spec in COLUMNS] for r in runs]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in (0, 1, len(cells) - 1) else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def ratio_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    header = ["scenario", "CPU/stream", "µs/pkt", "RSS", "latency p50", "1st frame p50", "valid"]
+    body = [[r["title"], _fmt(r["cpu_per_stream"]), _fmt(r["us_per_packet"]), _fmt(r["rss"]),
+             _fmt(r["latency_p50"]), _fmt(r["first_frame_p50"]), "yes" if r["valid"] else "no"] for r in rows]
+    if markdown:
+        return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+                          *("| " + " | ".join(b) + " |" for b in body)])
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+                     for cells in [header, ["-" * w for w in widths], *body])
+
+
+def targets_text(rows: list[dict[str, Any]]) -> str:
+    mark = {True: "met", False: "NOT met", None: "not measured"}
+    return "\n".join(f"- {r['target']}: {_fmt(r['value'])} → {mark[r['met']]}" + (f" ({r['detail']})" if r["detail"]
+                                                                                 else "") for r in rows)
