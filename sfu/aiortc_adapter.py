@@ -18,7 +18,9 @@ What is used, and why:
 * ``RTCRtpSender.__started`` / ``__rtp_header_extensions_map`` / ``__mid`` and its stats counters — to
   know when a subscriber's sender is negotiated, to serialize header extensions with the subscriber's IDs,
   and to keep its sender reports honest.
-* ``RTCDtlsTransport._send_rtp`` — SRTP-protect and send one packet.
+* ``RTCDtlsTransport._send_rtp`` — SRTP-protect and send one packet; on the hot path
+  (:func:`direct_rtp_sender`) ``RTCDtlsTransport._state``/``_tx_srtp`` and aioice's
+  ``Connection._nominated`` pair with its protocol's UDP transport, to do the same synchronously.
 * ``aioice.ice.get_host_addresses`` — to choose which host addresses the server advertises (aioice leaves
   loopback out, which a local browser needs).
 * ``aioice.ice.StunProtocol.datagram_received`` and ``Connection._check_list`` — wrapped/read so a
@@ -38,6 +40,7 @@ import aiortc
 import aiortc.rtcrtpreceiver
 from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import AnyRtcpPacket, HeaderExtensionsMap, RtpPacket
 
@@ -57,6 +60,8 @@ _RECEIVER_ATTRS = (
     "_send_rtcp_pli",
     "_RTCRtpReceiver__codecs",
     "_RTCRtpReceiver__rtx_ssrc",
+    "_RTCRtpReceiver__decoder_thread",
+    "_RTCRtpReceiver__decoder_queue",
 )
 _SENDER_ATTRS = (
     "_handle_rtcp_packet",
@@ -106,6 +111,18 @@ async def check() -> None:
         for attr in ("_codecs",):
             if not hasattr(transceiver, attr):
                 problems.append(f"RTCRtpTransceiver.{attr} is missing")
+        dtls = transceiver.sender.transport
+        for attr in ("_state", "_tx_srtp"):
+            if not hasattr(dtls, attr):
+                problems.append(f"RTCDtlsTransport.{attr} is missing")
+        connection = getattr(dtls.transport, "_connection", None)
+        for attr in ("_nominated", "_check_list"):
+            if not hasattr(connection, attr):
+                problems.append(f"aioice Connection.{attr} is missing")
+        if not hasattr(DtlsState, "CONNECTED"):
+            problems.append("aiortc.rtcdtlstransport.State.CONNECTED is missing")
+        if not hasattr(HeaderExtensionsMap(), "_HeaderExtensionsMap__ids"):
+            problems.append("HeaderExtensionsMap.__ids is missing")
     finally:
         await pc.close()
     if problems:
@@ -134,7 +151,9 @@ def disable_decoding(receiver: RTCRtpReceiver) -> None:
     peer connection's ``track`` event, which aiortc emits before it starts receivers).
 
     aiortc's ``receive()`` starts its decoder thread without awaiting anything, so swapping the module's
-    worker around that one call affects this receiver only, not other receivers in the process.
+    worker around that one call affects this receiver only, not other receivers in the process. The
+    stand-in worker is then told to stop at once and the receiver forgets it, so aiortc no longer even
+    queues assembled frames (a queue put and a thread wake-up per frame otherwise); its track simply ends.
     """
     original_receive = receiver.receive
 
@@ -145,6 +164,9 @@ def disable_decoding(receiver: RTCRtpReceiver) -> None:
             await original_receive(parameters)
         finally:
             aiortc.rtcrtpreceiver.decoder_worker = saved
+        if getattr(receiver, "_RTCRtpReceiver__decoder_thread", None) is not None:
+            receiver._RTCRtpReceiver__decoder_queue.put(None)  # type: ignore[attr-defined]
+            receiver._RTCRtpReceiver__decoder_thread = None  # type: ignore[attr-defined]
 
     receiver.receive = receive  # type: ignore[method-assign]
 
@@ -243,6 +265,12 @@ def sender_header_extensions(sender: RTCRtpSender) -> HeaderExtensionsMap:
     return ext_map
 
 
+def header_extension_ids(ext_map: HeaderExtensionsMap) -> tuple[int | None, int | None, int | None]:
+    """The negotiated one-byte header extension IDs: (mid, abs-send-time, audio-level), ``None`` if absent."""
+    ids = ext_map._HeaderExtensionsMap__ids  # type: ignore[attr-defined]
+    return ids.mid or None, ids.abs_send_time or None, ids.audio_level or None
+
+
 def sender_mid(sender: RTCRtpSender) -> str | None:
     mid: str | None = sender._RTCRtpSender__mid  # type: ignore[attr-defined]
     return mid
@@ -266,6 +294,34 @@ def transceiver_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParame
     """The codecs negotiated for a transceiver, preferred first (the first one is what is sent)."""
     codecs: list[RTCRtpCodecParameters] = transceiver._codecs
     return codecs
+
+
+def direct_rtp_sender(sender: RTCRtpSender) -> Callable[[bytes], None] | None:
+    """
+    A synchronous way to send the sender's RTP: SRTP-protect, then write straight to the UDP socket of the
+    nominated ICE pair. aiortc's own path goes through six coroutines per packet (DTLS transport, ICE
+    transport, aioice connection, protocol) that never actually wait; this is the same work without them.
+
+    Available once ICE and DTLS are connected, and only for a pair on a plain UDP socket (host or
+    peer-reflexive); ``None`` otherwise (e.g. a TURN-relayed pair): then use :func:`send_rtp`. The function
+    raises ``ConnectionError`` once the transport is no longer connected or the nominated pair changed.
+    """
+    dtls = sender.transport
+    connection = dtls.transport._connection
+    pair = connection._nominated.get(1)
+    if dtls._state is not DtlsState.CONNECTED or pair is None or type(pair.protocol) is not aioice.ice.StunProtocol:
+        return None
+    udp = pair.protocol.transport
+    address = pair.remote_addr
+    protect = dtls._tx_srtp.protect
+    nominated = connection._nominated
+
+    def send(data: bytes) -> None:
+        if dtls._state is not DtlsState.CONNECTED or nominated.get(1) is not pair or udp.is_closing():
+            raise ConnectionError("the transport is no longer connected")
+        udp.sendto(protect(data), address)
+
+    return send
 
 
 async def send_rtp(sender: RTCRtpSender, data: bytes) -> None:

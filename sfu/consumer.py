@@ -23,6 +23,7 @@ from aiortc.utils import uint16_gt
 
 from . import aiortc_adapter as adapter
 from .logs import PeerLogger
+from .rtp import RtpWriter
 from .stats import TOTALS
 
 if TYPE_CHECKING:
@@ -100,7 +101,9 @@ class Consumer:
         self._waiting_keyframe = True
         self._payload_type = 0
         self._mid: str | None = None
-        self._ext_map: Any = None
+        self._writer = RtpWriter(0, 0, mid=None, mid_id=None, abs_send_time_id=None, audio_level_id=None)
+        self._direct: Callable[[bytes], None] | None = None
+        self._pending_payload = 0
         self._clock_rate = producer.codec.clockRate
         # Output numbering; offsets are set each time forwarding (re)starts.
         self._next_seq = random.randint(0, 0x7FFF)
@@ -133,62 +136,92 @@ class Consumer:
         codecs = adapter.transceiver_codecs(self.transceiver)
         self._payload_type = cast(int, codecs[0].payloadType)  # always set once negotiated
         self._mid = adapter.sender_mid(self._sender)
-        self._ext_map = adapter.sender_header_extensions(self._sender)
+        mid_id, abs_id, audio_id = adapter.header_extension_ids(adapter.sender_header_extensions(self._sender))
+        self._writer = RtpWriter(self._payload_type, self._sender._ssrc, mid=self._mid, mid_id=mid_id,
+                                 abs_send_time_id=abs_id, audio_level_id=audio_id)
         self._bound = True
         self._log.debug("consumer bound", consumer=self.id, producer=self.producer.id, mid=self._mid)
         self.producer.request_keyframe()
 
-    async def send(self, packet: RtpPacket, keyframe: bool, abs_send_time: int) -> bool:
+    def prepare(self, packet: RtpPacket, keyframe: bool, abs_send_time: bytes | None, now: float) -> bytes | None:
         """
-        Forward one producer packet. ``keyframe``: the packet starts a decodable picture (always true for
-        audio). Returns whether the packet was sent.
+        Rewrite one producer packet for this subscriber: the bytes to send, or ``None`` when nothing is to be
+        sent (not negotiated yet, waiting for a keyframe, closed). ``keyframe``: the packet starts a
+        decodable picture (always true for audio); ``abs_send_time``: the 3-byte abs-send-time value and
+        ``now`` (seconds) are read once per incoming packet by the producer and shared by its consumers.
         """
         if self.closed:
-            return False
+            return None
         if not self._bound:
             if not adapter.sender_started(self._sender):
-                return False
+                return None
             self._bind()
         if self._waiting_keyframe:
             if not keyframe:
-                return False
-            self._start_at(packet)
+                return None
+            self._start_at(packet, now)
 
         seq = (packet.sequence_number + self._seq_offset) & 0xFFFF
         timestamp = (packet.timestamp + self._ts_offset) & 0xFFFFFFFF
-        out = RtpPacket(
-            payload_type=self._payload_type,
-            marker=packet.marker,
-            sequence_number=seq,
-            timestamp=timestamp,
-            ssrc=self._sender._ssrc,
-            payload=packet.payload,
-        )
-        out.padding_size = packet.padding_size
-        out.extensions.mid = self._mid
-        out.extensions.abs_send_time = abs_send_time
-        out.extensions.audio_level = packet.extensions.audio_level
-        data = out.serialize(self._ext_map)
+        data = self._writer.write(packet, seq, timestamp, abs_send_time)
         self._cache[seq % NACK_CACHE_SIZE] = (seq, data)
         if uint16_gt(seq, (self._next_seq - 1) & 0xFFFF):
             self._next_seq = (seq + 1) & 0xFFFF
             self._last_ts = timestamp
-            self._last_send_time = clock.current_ms() / 1000
+            self._last_send_time = now
+        self._pending_payload = len(packet.payload)
+        return data
 
+    def transmit_now(self, data: bytes, ntp_time: int) -> bool | None:
+        """
+        Send prepared bytes synchronously (see :func:`adapter.direct_rtp_sender`). Returns whether they were
+        sent, or ``None`` when only the asynchronous path can send them (e.g. a TURN-relayed pair).
+        """
+        send = self._direct
+        if send is None:
+            send = self._direct = adapter.direct_rtp_sender(self._sender)
+            if send is None:
+                return None
+        try:
+            send(data)
+        except ConnectionError:
+            self._direct = None
+            return False
+        self._count_sent(ntp_time)
+        return True
+
+    async def transmit(self, data: bytes, ntp_time: int) -> bool:
+        """Send prepared bytes through aiortc's transport (works for every candidate pair)."""
         try:
             await adapter.send_rtp(self._sender, data)
         except ConnectionError:
             return False
-        adapter.sender_count_sent(self._sender, len(packet.payload), timestamp, clock.current_ntp_time())
-        self.stats.packets += 1
-        self.stats.bytes += len(packet.payload)
+        self._count_sent(ntp_time)
         return True
 
-    def _start_at(self, packet: RtpPacket) -> None:
+    def _count_sent(self, ntp_time: int) -> None:
+        adapter.sender_count_sent(self._sender, self._pending_payload, self._last_ts, ntp_time)
+        self.stats.packets += 1
+        self.stats.bytes += self._pending_payload
+
+    async def send(self, packet: RtpPacket, keyframe: bool, abs_send_time: int) -> bool:
+        """Forward one packet (prepare, then transmit by whichever path works); returns whether it was sent.
+        Producers use :meth:`prepare` and :meth:`transmit_now` directly to share per-packet work."""
+        now = clock.current_ms() / 1000
+        data = self.prepare(packet, keyframe, abs_send_time.to_bytes(3, "big"), now)
+        if data is None:
+            return False
+        ntp = clock.current_ntp_time()
+        sent = self.transmit_now(data, ntp)
+        if sent is None:
+            sent = await self.transmit(data, ntp)
+        return sent
+
+    def _start_at(self, packet: RtpPacket, now: float) -> None:
         """Fix offsets so ``packet`` follows the last packet sent, in sequence and in time."""
         self._seq_offset = (self._next_seq - packet.sequence_number) & 0xFFFF
         if self._started_once:
-            elapsed = max(clock.current_ms() / 1000 - self._last_send_time, 0.001)
+            elapsed = max(now - self._last_send_time, 0.001)
             target_ts = (self._last_ts + int(elapsed * self._clock_rate)) & 0xFFFFFFFF
         else:
             target_ts = self._last_ts

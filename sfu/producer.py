@@ -185,12 +185,22 @@ class Producer:
             self.stats.packets += 1
             self.stats.bytes += len(forward.payload)
             if not self.paused and self.consumers:
+                # Work shared by every consumer is done once per packet: keyframe test and clocks.
                 keyframe = self._is_keyframe is None or self._is_keyframe(forward.payload)
-                abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
+                ntp = clock.current_ntp_time()
+                abs_send_time = ((ntp >> 14) & 0x00FFFFFF).to_bytes(3, "big")
+                now = time.time()
+                sent = 0
                 for consumer in list(self.consumers.values()):
-                    if await consumer.send(forward, keyframe, abs_send_time):
-                        self.stats.forwarded_packets += 1
-                        self.stats.forwarded_bytes += len(forward.payload)
+                    data = consumer.prepare(forward, keyframe, abs_send_time, now)
+                    if data is None:
+                        continue
+                    done = consumer.transmit_now(data, ntp)
+                    if done is None:  # no synchronous path to this subscriber (e.g. TURN relay)
+                        done = await consumer.transmit(data, ntp)
+                    sent += done
+                self.stats.forwarded_packets += sent
+                self.stats.forwarded_bytes += sent * len(forward.payload)
 
         # aiortc's own receive path: stats, RTCP receiver reports, NACKs towards the publisher.
         await self._original_handler(packet, arrival_time_ms)

@@ -6,9 +6,11 @@ Everything here works on RTP payload bytes; nothing decodes media.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
+from aiortc.rtp import RtpPacket
 
 #: Codecs forwarded without transcoding, by lower-case MIME type.
 FORWARDABLE = frozenset({"audio/opus", "video/vp8", "video/h264"})
@@ -95,3 +97,52 @@ def h264_is_keyframe_start(payload: bytes) -> bool:
 def keyframe_detector(mime_type: str) -> Callable[[bytes], bool] | None:
     """The keyframe-start test for a video MIME type, or ``None`` when every packet is decodable (audio)."""
     return {"video/vp8": vp8_is_keyframe_start, "video/h264": h264_is_keyframe_start}.get(mime_type.lower())
+
+
+_RTP_HEADER = struct.Struct("!BBHII")
+_EXT_HEADER = struct.Struct("!HH")
+
+
+class RtpWriter:
+    """
+    Serializes forwarded packets for one subscriber, byte for byte as aiortc's ``RtpPacket.serialize``
+    would with that subscriber's header-extension IDs, but without building a packet object and an
+    extension list per send. The MID element never changes and is built once.
+
+    :param mid_id, abs_send_time_id, audio_level_id: negotiated one-byte extension IDs, 0/None if absent.
+    """
+
+    __slots__ = ("payload_type", "ssrc", "_mid_element", "_abs_prefix", "_audio_id")
+
+    def __init__(self, payload_type: int, ssrc: int, *, mid: str | None, mid_id: int | None,
+                 abs_send_time_id: int | None, audio_level_id: int | None) -> None:
+        self.payload_type = payload_type
+        self.ssrc = ssrc
+        encoded = (mid or "").encode()
+        self._mid_element = (bytes([(mid_id << 4) | (len(encoded) - 1)]) + encoded
+                             if mid_id and 0 < len(encoded) <= 16 else b"")
+        self._abs_prefix = bytes([(abs_send_time_id << 4) | 2]) if abs_send_time_id else b""
+        self._audio_id = audio_level_id or 0
+
+    def write(self, packet: RtpPacket, seq: int, timestamp: int, abs_send_time: bytes | None) -> bytes:
+        """``packet`` with this subscriber's payload type, SSRC and extensions, and the given sequence number
+        and timestamp; ``abs_send_time`` is the 3-byte extension value (shared by all subscribers)."""
+        extensions = self._mid_element
+        if abs_send_time is not None and self._abs_prefix:
+            extensions += self._abs_prefix + abs_send_time
+        level = packet.extensions.audio_level
+        if level is not None and self._audio_id:
+            extensions += bytes([self._audio_id << 4, (0x80 if level[0] else 0) | (level[1] & 0x7F)])
+        first = 0x80
+        if extensions:
+            first |= 0x10
+            extensions += b"\x00" * (-len(extensions) % 4)
+            extensions = _EXT_HEADER.pack(0xBEDE, len(extensions) // 4) + extensions
+        padding = packet.padding_size
+        if padding:
+            first |= 0x20
+        data = _RTP_HEADER.pack(first, (packet.marker << 7) | self.payload_type, seq, timestamp, self.ssrc)
+        data += extensions + packet.payload
+        if padding:
+            data += bytes(padding - 1) + bytes([padding])
+        return data

@@ -34,7 +34,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sfu import ChorusError
 from sfu.logs import PeerLogger
@@ -131,8 +135,12 @@ class Cluster:
         self.ready = False
         #: websocket URLs of the live nodes at the last heartbeat (clients fall back on them)
         self.known_nodes: list[str] = [ws_url]
+        # After an outage the pool may hold several dead connections: a command that fails on one is retried
+        # on a fresh connection (twice) before the error counts.
         self._redis = aioredis.Redis.from_url(
-            redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True
+            redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._local_rooms = local_rooms
         self._on_lost_room = on_lost_room
@@ -226,11 +234,6 @@ class Cluster:
 
         :raises Unavailable: Redis cannot be reached and the room is not hosted here.
         """
-        try:
-            return await self._place_once(room, hosted_here=hosted_here)
-        except (RedisError, OSError):
-            # After an outage the pool may hand out a dead connection once; the retry gets a fresh one.
-            pass
         try:
             return await self._place_once(room, hosted_here=hosted_here)
         except (RedisError, OSError) as exc:

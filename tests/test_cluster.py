@@ -165,10 +165,10 @@ async def test_killed_node_clients_rejoin_elsewhere(nodes: list[ServerProcess], 
 
 async def test_redis_outage_keeps_calls_and_recovers(nodes: list[ServerProcess], redis: Redis,
                                                      clients: list[ChorusClient]) -> None:
-    a, _ = nodes
-    alice = await connect(a, clients)
+    alice = await connect(nodes[0], clients)
     await alice.join("outage", "alice")
     await alice.publish(EncodedVideoTrack(encode_vp8_clip(frames=60)))
+    a = next(n for n in nodes if n.ws_url == alice.url)  # the node hosting the call (placement chose it)
     bob = await connect(a, clients)
     received = Received(bob)
     await bob.join("outage", "bob")
