@@ -331,6 +331,8 @@ class Peer:
                     self._compact()
                 pc = self._subscribe_pc
                 assert pc is not None
+                if pc.signalingState == "closed":
+                    return  # the client closed it: the peer is on its way out (see on_state)
                 await pc.setLocalDescription(await pc.createOffer())
                 consumers = [
                     {"mid": c.mid, "track_id": c.producer.id, "peer_id": c.producer.peer_id, "kind": c.kind}
@@ -346,6 +348,8 @@ class Peer:
                 finally:
                     self._answer = None
         except Exception:  # a bug here must not kill the session silently
+            if self._subscribe_pc is not None and self._subscribe_pc.signalingState == "closed":
+                return  # closed under us by the client while offering: nothing to negotiate any more
             self._log.error("subscribe negotiation failed", exc_info=True)
             self._fail("subscribe negotiation failed")
 
