@@ -99,10 +99,11 @@ async function start({ room, name, token }) {
   window.chorus = client;
   window.chorusReady = false;
   client.on('connection-state', ({ state }) => { setStatus(state); updateCount(); });
-  client.on('peer-joined', ({ peer }) => { addTile(peer); updateCount(); });
+  // In an MCU room everyone arrives mixed in one composite (from peer 'mcu'): no tile per participant.
+  client.on('peer-joined', ({ peer }) => { if (client.mode !== 'mcu') addTile(peer); updateCount(); });
   client.on('peer-left', ({ peerId }) => { removeTile(peerId); updateCount(); });
   client.on('track-added', ({ peerId, kind, track, muted }) => {
-    const peer = client.peers.get(peerId) || { id: peerId, name: peerId };
+    const peer = client.peers.get(peerId) || { id: peerId, name: peerId === 'mcu' ? 'Everyone (mixed)' : peerId };
     const tile = addTile(peer);
     for (const old of tile.stream.getTracks()) {
       if (old.kind === kind) tile.stream.removeTrack(old); // one track of each kind per tile

@@ -261,6 +261,7 @@ export class RoomClient extends Emitter {
     const response = await signal.request('join', request);
     this.peerId = response.peer_id;
     this.nodes = response.nodes || []; // the cluster's nodes: where to go if this one dies
+    this.mode = response.mode || 'sfu'; // 'mcu': one mixed audio and one composite video, from peer 'mcu'
     this.iceServers = (response.ice_servers || []).map(({ urls, username, credential }) => ({
       urls, username, credential,
     }));
