@@ -6,17 +6,15 @@ audio and one video stream however many others there are.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
 
 from . import aiortc_adapter as adapter
-from .errors import InvalidStateError
 from .logs import PeerLogger
 from .mixer import AudioMixer, VideoCompositor
-from .peer import OfferSender, Peer, vars_of
+from .peer import Peer, vars_of
 from .producer import Producer
-from .router import RouterObserver
+from .router import Router, RouterObserver
 
 #: Room modes: ``sfu`` forwards every track to everyone; ``mcu`` mixes on the server.
 MODES = ("sfu", "mcu")
@@ -57,9 +55,10 @@ class McuOptions:
         return cls(**data)
 
 
-class McuRouter:
+class McuRouter(Router):
     """
-    The media plane of one room in MCU mode, with the interface of :class:`~sfu.router.Router`.
+    The media plane of one room in MCU mode: a :class:`~sfu.router.Router` whose peers receive mixes instead
+    of every producer.
 
     Peers are ordinary :class:`Peer` objects. Publishing is unchanged, except that each producer's receiver
     keeps decoding: its frames feed the :class:`~sfu.mixer.AudioMixer` and the
@@ -76,12 +75,8 @@ class McuRouter:
     def __init__(
         self, room_id: str, observer: RouterObserver, *, log: PeerLogger, options: McuOptions | None = None
     ) -> None:
-        self.id = room_id
-        self.closed = False
+        super().__init__(room_id, observer, log=log)
         self.options = options or McuOptions()
-        self.peers: dict[str, Peer] = {}
-        self._observer = observer
-        self._log = log
         self._audio = AudioMixer(log=log)
         self._video = VideoCompositor(self.options.width, self.options.height, self.options.fps, log=log)
         self._join_order: dict[str, int] = {}
@@ -90,40 +85,16 @@ class McuRouter:
     def __repr__(self) -> str:
         return f"McuRouter(id={self.id}, peers={len(self.peers)})"
 
-    def producers(self) -> Iterator[Producer]:
-        for peer in self.peers.values():
-            yield from (p for p in peer.producers.values() if not p.closed)
-
-    def create_peer(self, peer_id: str, name: str, send_offer: OfferSender, *, subscribe: bool = True) -> Peer:
-        """Add a participant; unless ``subscribe`` is false it receives its audio mix and the composite."""
-        if self.closed:
-            raise InvalidStateError(f"room {self.id} is closed")
-        peer = Peer(
-            peer_id,
-            name,
-            send_offer=send_offer,
-            on_producer=self._producer_added,
-            on_failed=self._observer.peer_failed,
-            log=self._log.bind(peer=peer_id),
-            subscribe=subscribe,
-        )
-        self.peers[peer_id] = peer
-        self._join_order[peer_id] = next(self._sequence)
+    def _peer_joined(self, peer: Peer) -> None:
+        """A new peer gets its own audio mix and the shared composite (unless it does not subscribe)."""
+        self._join_order[peer.id] = next(self._sequence)
         self._audio.start()
         self._video.start()
-        if subscribe:
+        if peer.subscribe:
             # Mixed streams quack like producers: Peer.consume and Consumer use only id, peer_id, kind, codec,
             # add_consumer/remove_consumer and request_keyframe.
-            peer.consume(cast(Producer, self._audio.add_output(peer_id)))
+            peer.consume(cast(Producer, self._audio.add_output(peer.id)))
             peer.consume(cast(Producer, self._video))
-        return peer
-
-    def find_producer(self, producer_id: str) -> tuple[Peer, Producer] | None:
-        for peer in self.peers.values():
-            producer = peer.producers.get(producer_id)
-            if producer is not None:
-                return peer, producer
-        return None
 
     def _producer_added(self, peer: Peer, producer: Producer) -> None:
         # Called before aiortc starts the receiver, so undoing the SFU's "no decoding" still takes effect.
@@ -146,9 +117,8 @@ class McuRouter:
 
     async def remove_peer(self, peer_id: str) -> Peer | None:
         """Close and remove a participant: it leaves the mix and the grid. Returns it, if it was here."""
-        peer = self.peers.pop(peer_id, None)
+        peer = await super().remove_peer(peer_id)
         if peer is not None:
-            await peer.close()
             self._audio.remove_output(peer_id)
             self._join_order.pop(peer_id, None)
         return peer
@@ -157,14 +127,9 @@ class McuRouter:
         """Close every peer and stop mixing. Idempotent."""
         if self.closed:
             return
-        self.closed = True
-        for peer_id in list(self.peers):
-            await self.remove_peer(peer_id)
+        await super().close()
         await self._audio.close()
         await self._video.close()
-
-    async def get_stats(self) -> dict[str, Any]:
-        return {peer_id: await peer.get_stats() for peer_id, peer in self.peers.items()}
 
     def describe(self) -> dict[str, Any]:
         """Settings and mixer counters, for the admin API: the video is encoded once per composite frame

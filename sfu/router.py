@@ -60,10 +60,14 @@ class Router:
             subscribe=subscribe,
         )
         self.peers[peer_id] = peer
-        if subscribe:
+        self._peer_joined(peer)
+        return peer
+
+    def _peer_joined(self, peer: Peer) -> None:
+        """What a new peer receives: here every producer already in the room."""
+        if peer.subscribe:
             for producer in list(self.producers()):
                 peer.consume(producer)
-        return peer
 
     def find_producer(self, producer_id: str) -> tuple[Peer, Producer] | None:
         for peer in self.peers.values():

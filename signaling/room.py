@@ -39,7 +39,7 @@ class Room:
         self.identities: dict[str, str] = {}
         self.log = PeerLogger(logger, room=room_id)
         router_log = PeerLogger("chorus.sfu", room=room_id)
-        self.router: Router | McuRouter = (
+        self.router: Router = (
             McuRouter(room_id, self, log=router_log, options=mcu)
             if mode == "mcu"
             else Router(room_id, self, log=router_log)
