@@ -13,27 +13,14 @@ from typing import Any
 import aiohttp
 from aiortc import RTCRtpSender
 from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
+from calls import Received, two_person_call
 from conftest import ServerProcess, connect
-from media import EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
-from test_group_call import Received
+from media import EncodedVideoTrack, count_frames, encode_vp8_clip
 
 from sfu import aiortc_adapter
 from signaling.client import ChorusClient
 
 HERE = Path(__file__).resolve().parent
-
-
-async def start_call(server: ServerProcess, clients: list[ChorusClient], room: str) -> tuple[ChorusClient, Any]:
-    alice = await connect(server, clients)
-    await alice.join(room, "alice")
-    await alice.publish(SineTrack(440), EncodedVideoTrack(encode_vp8_clip(frames=60)))
-    bob = await connect(server, clients)
-    received = Received(bob)
-    await bob.join(room, "bob")
-    await received.wait(2)
-    video = received.tracks[(alice.peer_id, "video")]  # type: ignore[index]
-    await count_frames(video, 1.0)  # past the start-up
-    return bob, video
 
 
 async def fps_while(video: Any, proc: asyncio.subprocess.Process, server: ServerProcess) -> tuple[float, float]:
@@ -65,7 +52,7 @@ def log_lines(server: ServerProcess) -> list[str]:
 
 
 async def test_signaling_flood_hurts_no_one(server: ServerProcess, clients: list[ChorusClient], room_name: str) -> None:
-    _, video = await start_call(server, clients, room_name)
+    _, _, video = await two_person_call(server, clients, room_name)
     baseline = await count_frames(video, 3.0) / 3.0
     lines_before = len(log_lines(server))
 
@@ -99,7 +86,7 @@ def server_media_ports(client: ChorusClient) -> list[int]:
 
 
 async def test_udp_garbage_hurts_no_one(server: ServerProcess, clients: list[ChorusClient], room_name: str) -> None:
-    bob, video = await start_call(server, clients, room_name)
+    _, bob, video = await two_person_call(server, clients, room_name)
     ports = server_media_ports(bob)
     assert ports
     baseline = await count_frames(video, 3.0) / 3.0

@@ -19,9 +19,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack, count_frames
-from test_group_call import Received
 
 from signaling import auth
 from signaling.client import ChorusClient, RequestError

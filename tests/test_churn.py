@@ -14,9 +14,9 @@ import time
 import urllib.request
 from typing import Any
 
+from calls import Received
 from conftest import ServerProcess, connect
 from media import EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
-from test_group_call import Received
 
 from signaling.client import ChorusClient
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from browser import CHROMIUM, FLAGS, INBOUND_STATS, wait_until
+from calls import Received
 from conftest import ServerProcess, connect, free_port
 from media import ColorTrack, EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
-from test_group_call import Received
 
 from signaling.client import ChorusClient, RequestError
 

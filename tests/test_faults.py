@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from browser import CHROMIUM, FLAGS, INBOUND_STATS, PER_STREAM_FRAMES, wait_until
+from calls import Received, two_person_call
 from conftest import ServerProcess, connect
-from media import EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
-from test_group_call import Received
+from media import count_frames
 
 from signaling.client import ChorusClient
 
@@ -28,20 +28,14 @@ playwright_api = pytest.importorskip("playwright.async_api")
 
 async def test_killed_subscriber_hurts_no_one(server: ServerProcess, clients: list[ChorusClient],
                                               room_name: str) -> None:
-    publisher = await connect(server, clients)
-    await publisher.join(room_name, "pub")
-    await publisher.publish(SineTrack(440), EncodedVideoTrack(encode_vp8_clip(frames=60)))
-    watcher = await connect(server, clients)
-    received = Received(watcher)
-    await watcher.join(room_name, "watcher")
-    await received.wait(2)
-    video = received.tracks[(publisher.peer_id, "video")]  # type: ignore[index]
+    publisher, watcher, video = await two_person_call(server, clients, room_name)
 
     proc = subprocess.Popen([sys.executable, str(HERE / "peer_process.py"), server.ws_url, room_name, "victim",
                              "subscribe"], stdout=subprocess.PIPE, text=True)
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)  # type: ignore[union-attr]
         victim = line.split()[1]
+        await count_frames(video, 1.0)  # drain what queued up while the victim started
         before = await count_frames(video, 2.0) / 2.0
         sent_before = await sent_bytes(publisher)
         gone = watcher.expect_event("peer_left", lambda d: d["peer_id"] == victim, timeout=20)

@@ -10,9 +10,9 @@ from typing import Any
 import aiortc.rtcrtpreceiver
 import pytest
 from aiortc import MediaStreamTrack
+from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
-from test_group_call import Received
 
 from signaling.client import ChorusClient
 

@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from aiortc import MediaStreamTrack
+from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack, collect_audio, count_frames, dominant_frequency
 
 from signaling.client import ChorusClient
-
-
-class Received:
-    """Remote tracks a client got, by (peer_id, kind)."""
-
-    def __init__(self, client: ChorusClient) -> None:
-        self.tracks: dict[tuple[str, str], MediaStreamTrack] = {}
-        self.arrived = asyncio.Event()
-        client.on_track(self._on_track)
-
-    def _on_track(self, track: MediaStreamTrack, info: dict[str, Any]) -> None:
-        self.tracks[(info["peer_id"], track.kind)] = track
-        self.arrived.set()
-
-    async def wait(self, count: int, timeout: float = 10.0) -> None:
-        async def enough() -> None:
-            while len(self.tracks) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-
-        await asyncio.wait_for(enough(), timeout)
 
 
 async def test_three_peers_see_and_hear_each_other(server: ServerProcess, clients: list[ChorusClient],

@@ -16,9 +16,9 @@ import pytest
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from browser import CHROMIUM, FLAGS, INBOUND_STATS, PER_STREAM_FRAMES
+from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack
-from test_group_call import Received
 
 from sfu.mcu import McuOptions
 from sfu.mixer import FRAME_SAMPLES, JITTER_MAX, JITTER_TARGET, AudioSource, fit, grid, mix_minus_one

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import aiohttp
 from aiortc.mediastreams import MediaStreamError
+from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack, count_frames
-from test_group_call import Received
 
 from signaling.client import ChorusClient
 

@@ -27,12 +27,12 @@ import pytest
 from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 from browser import CHROMIUM, FLAGS, INBOUND_STATS, wait_until
+from calls import Received
 from conftest import ServerProcess
 from coturn import SECRET, TURNSERVER, Coturn, free_udp_tcp_port
 from coturn import coturn_fixture as coturn_fixture  # the `coturn` fixture
 from coturn import hardened_coturn_fixture as hardened_coturn_fixture  # the `hardened_coturn` fixture
 from media import ColorTrack, SineTrack
-from test_group_call import Received
 
 from signaling.client import ChorusClient
 from signaling.config import Settings
