@@ -24,7 +24,7 @@ import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import av
 import numpy as np
@@ -72,6 +72,13 @@ AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 
 
 # --- outputs -----------------------------------------------------------------------------------------------
+
+
+class _Readable(Protocol):
+    async def run(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Readable)
 
 
 class StreamStats:
@@ -216,6 +223,31 @@ def mix_minus_one(contributions: dict[str, np.ndarray], listeners: Iterable[str]
     return mixes
 
 
+class SourceReaders(Generic[S]):
+    """The sources of a mixer by producer id, each drained by its own reader task."""
+
+    def __init__(self, kind: str) -> None:
+        self.sources: dict[str, S] = {}
+        self._kind = kind
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def add(self, producer_id: str, source: S) -> None:
+        self.sources[producer_id] = source
+        self._tasks[producer_id] = asyncio.create_task(source.run(), name=f"mcu {self._kind} source {producer_id}")
+
+    def remove(self, producer_id: str) -> None:
+        self.sources.pop(producer_id, None)
+        task = self._tasks.pop(producer_id, None)
+        if task is not None:
+            task.cancel()
+
+    def take_tasks(self) -> list[asyncio.Task[None]]:
+        """Every reader task, forgotten here (the caller cancels them)."""
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        return tasks
+
+
 class AudioSource:
     """
     One publisher's decoded audio. A reader task appends to a short jitter queue; the mixer clock takes
@@ -314,24 +346,19 @@ class AudioMixer:
     """
 
     def __init__(self, *, log: PeerLogger) -> None:
-        self.sources: dict[str, AudioSource] = {}
+        self._readers: SourceReaders[AudioSource] = SourceReaders("audio")
+        self.sources = self._readers.sources
         self.outputs: dict[str, AudioOutput] = {}
         self.stats = AudioMixerStats()
         self._log = log
-        self._readers: dict[str, asyncio.Task[None]] = {}
         self._clock = _Clock(PTIME)
         self._task: asyncio.Task[None] | None = None
 
     def add_source(self, producer: Producer, track: MediaStreamTrack) -> None:
-        source = AudioSource(producer, track)
-        self.sources[producer.id] = source
-        self._readers[producer.id] = asyncio.create_task(source.run(), name=f"mcu audio source {producer.id}")
+        self._readers.add(producer.id, AudioSource(producer, track))
 
     def remove_source(self, producer_id: str) -> None:
-        self.sources.pop(producer_id, None)
-        task = self._readers.pop(producer_id, None)
-        if task is not None:
-            task.cancel()
+        self._readers.remove(producer_id)
 
     def add_output(self, listener: str) -> AudioOutput:
         """The mix that participant ``listener`` hears (everyone's sources but its own)."""
@@ -348,8 +375,7 @@ class AudioMixer:
             self._task = asyncio.create_task(self._clock.run(self._tick), name="mcu audio clock")
 
     async def close(self) -> None:
-        tasks = list(self._readers.values()) + ([self._task] if self._task else [])
-        self._readers.clear()
+        tasks = self._readers.take_tasks() + ([self._task] if self._task else [])
         self._task = None
         await _cancel(tasks)
         for output in self.outputs.values():
@@ -502,10 +528,10 @@ class VideoCompositor(MixedStream):
         self.width = width
         self.height = height
         self.fps = fps
-        self.sources: dict[str, VideoSource] = {}
+        self._readers: SourceReaders[VideoSource] = SourceReaders("video")
+        self.sources = self._readers.sources
         self.ticks = 0
         self._log = log
-        self._readers: dict[str, asyncio.Task[None]] = {}
         self._clock = _Clock(1 / fps)
         self._task: asyncio.Task[None] | None = None
         self._start = 0.0
@@ -519,15 +545,10 @@ class VideoCompositor(MixedStream):
         self._last_signature: tuple[Any, ...] | None = None
 
     def add_source(self, producer: Producer, track: MediaStreamTrack, order: tuple[int, int]) -> None:
-        source = VideoSource(producer, track, order)
-        self.sources[producer.id] = source
-        self._readers[producer.id] = asyncio.create_task(source.run(), name=f"mcu video source {producer.id}")
+        self._readers.add(producer.id, VideoSource(producer, track, order))
 
     def remove_source(self, producer_id: str) -> None:
-        self.sources.pop(producer_id, None)
-        task = self._readers.pop(producer_id, None)
-        if task is not None:
-            task.cancel()
+        self._readers.remove(producer_id)
 
     def request_keyframe(self) -> None:
         self._keyframe_wanted = True
@@ -539,8 +560,7 @@ class VideoCompositor(MixedStream):
 
     async def close(self) -> None:  # type: ignore[override]
         super().close()
-        tasks = list(self._readers.values()) + ([self._task] if self._task else [])
-        self._readers.clear()
+        tasks = self._readers.take_tasks() + ([self._task] if self._task else [])
         self._task = None
         await _cancel(tasks)
 
