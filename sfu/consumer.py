@@ -22,9 +22,9 @@ from aiortc.rtp import (
 from aiortc.utils import uint16_gt
 
 from . import aiortc_adapter as adapter
+from . import stats
 from .logs import PeerLogger
 from .rtp import RtpWriter
-from .stats import TOTALS
 
 if TYPE_CHECKING:
     from .producer import Producer
@@ -268,11 +268,6 @@ class Consumer:
         self.producer.remove_consumer(self)
         self._cache = []
         adapter.unhook_sender_rtcp(self._sender)
-        TOTALS.packets_forwarded += self.stats.packets
-        TOTALS.bytes_forwarded += self.stats.bytes
-        TOTALS.nacks += self.stats.nacks
-        TOTALS.retransmitted += self.stats.retransmitted
-        TOTALS.plis += self.stats.plis
-        TOTALS.firs += self.stats.firs
+        stats.retire(self.stats, stats.CONSUMER_COUNTERS)
         if self._on_close is not None:
             self._on_close(self)

@@ -13,9 +13,9 @@ from aiortc.codecs import is_rtx
 from aiortc.rtp import RtpPacket, unwrap_rtx
 
 from . import aiortc_adapter as adapter
+from . import stats
 from .logs import PeerLogger
 from .rtp import keyframe_detector
-from .stats import TOTALS
 
 if TYPE_CHECKING:
     from .consumer import Consumer
@@ -153,9 +153,7 @@ class Producer:
             consumer.close()
         self.consumers.clear()
         adapter.unhook_receiver_rtp(self._receiver)
-        TOTALS.packets_received += self.stats.packets
-        TOTALS.bytes_received += self.stats.bytes
-        TOTALS.keyframe_requests += self.stats.keyframe_requests
+        stats.retire(self.stats, stats.PRODUCER_COUNTERS)
         for callback in self._on_close:
             callback(self)
         self._on_close.clear()

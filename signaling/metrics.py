@@ -8,9 +8,21 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sfu.stats import TOTALS
+from sfu import stats
 
 from .room import RoomRegistry
+
+#: Prometheus name, help, and the process counter (sfu.stats) behind it.
+COUNTERS = [
+    ("chorus_rtp_received_packets", "RTP packets received from publishers", "packets_received"),
+    ("chorus_rtp_received_bytes", "RTP payload bytes received from publishers", "bytes_received"),
+    ("chorus_rtp_forwarded_packets", "RTP packets forwarded to subscribers", "packets_forwarded"),
+    ("chorus_rtp_forwarded_bytes", "RTP payload bytes forwarded to subscribers", "bytes_forwarded"),
+    ("chorus_keyframe_requests", "PLIs sent to publishers (after merging)", "keyframe_requests"),
+    ("chorus_subscriber_plis", "PLIs received from subscribers", "plis"),
+    ("chorus_subscriber_nacks", "NACK packets received from subscribers", "nacks"),
+    ("chorus_retransmitted_packets", "Packets resent from the NACK cache", "retransmitted"),
+]
 
 
 class MediaCollector(Collector):
@@ -36,25 +48,8 @@ class MediaCollector(Collector):
             gauge.add_metric([kind], sum(1 for c in consumers if c.kind == kind))
         yield gauge
 
-        def counter(name: str, doc: str, value: int) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, value=value)
-
-        yield counter("chorus_rtp_received_packets", "RTP packets received from publishers",
-                      TOTALS.packets_received + sum(p.stats.packets for p in producers))
-        yield counter("chorus_rtp_received_bytes", "RTP payload bytes received from publishers",
-                      TOTALS.bytes_received + sum(p.stats.bytes for p in producers))
-        yield counter("chorus_rtp_forwarded_packets", "RTP packets forwarded to subscribers",
-                      TOTALS.packets_forwarded + sum(c.stats.packets for c in consumers))
-        yield counter("chorus_rtp_forwarded_bytes", "RTP payload bytes forwarded to subscribers",
-                      TOTALS.bytes_forwarded + sum(c.stats.bytes for c in consumers))
-        yield counter("chorus_keyframe_requests", "PLIs sent to publishers (after merging)",
-                      TOTALS.keyframe_requests + sum(p.stats.keyframe_requests for p in producers))
-        yield counter("chorus_subscriber_plis", "PLIs received from subscribers",
-                      TOTALS.plis + sum(c.stats.plis for c in consumers))
-        yield counter("chorus_subscriber_nacks", "NACK packets received from subscribers",
-                      TOTALS.nacks + sum(c.stats.nacks for c in consumers))
-        yield counter("chorus_retransmitted_packets", "Packets resent from the NACK cache",
-                      TOTALS.retransmitted + sum(c.stats.retransmitted for c in consumers))
+        for name, doc, counter in COUNTERS:
+            yield CounterMetricFamily(name, doc, value=stats.total(counter, producers, consumers))
 
 
 class Metrics:
