@@ -10,7 +10,10 @@ SYSTEM_PACKAGES := chromium coturn redis-server docker-compose
 .PHONY: run run-cluster test install system-deps lint clean fuzz soak bench bench-deps
 
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+	@# Debian's own python3 needs python3-venv for this; install it when missing.
+	python3 -m venv $(VENV) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv && \
+	  python3 -m venv $(VENV); }
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e '.[test,dev]'
 	touch $(STAMP)
