@@ -414,12 +414,6 @@ class Peer:
                 await close_pc(pc)
         self._log.info("peer closed")
 
-    async def get_stats(self) -> dict[str, Any]:
-        return {
-            "producers": {p.id: vars_of(p.stats) for p in self.producers.values()},
-            "consumers": {c.id: vars_of(c.stats) for c in self.consumers.values()},
-        }
-
 
 def vars_of(obj: Any) -> dict[str, Any]:
     return {k: getattr(obj, k) for k in obj.__slots__}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 from .errors import InvalidStateError
 from .logs import PeerLogger
@@ -97,6 +97,3 @@ class Router:
         self.closed = True
         for peer_id in list(self.peers):
             await self.remove_peer(peer_id)
-
-    async def get_stats(self) -> dict[str, Any]:
-        return {peer_id: await peer.get_stats() for peer_id, peer in self.peers.items()}
