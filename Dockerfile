@@ -8,6 +8,7 @@ COPY sfu sfu
 COPY signaling signaling
 COPY turn turn
 COPY web web
+COPY bench bench
 RUN pip install --no-cache-dir .
 
 USER chorus

@@ -9,13 +9,15 @@ SYSTEM_PACKAGES := chromium coturn redis-server docker-compose
 
 .PHONY: run run-cluster test install system-deps lint clean fuzz soak bench bench-deps
 
-$(STAMP): pyproject.toml
+# The package folders are prerequisites: a file added to or removed from one changes the folder, and the
+# strict editable install (links to each file, see pyproject.toml) must then be made again.
+$(STAMP): pyproject.toml sfu signaling turn web bench bench/native
 	@# Debian's own python3 needs python3-venv for this; install it when missing.
 	python3 -m venv $(VENV) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv && \
 	  python3 -m venv $(VENV); }
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[test,dev]'
+	$(PIP) install --quiet -e '.[test,dev]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,7 +40,8 @@ run-cluster: install system-deps
 	scripts/run-cluster
 
 test: install system-deps bench-deps
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	@# -P: the repository root is not on sys.path, so the tests import the installed chorus package.
+	$(PY) -P -m pytest -ra $(PYTEST_ARGS)
 
 # Fuzz every untrusted-input entry point for FUZZ_SECONDS (default 300) each; failures land in tests/fuzz_corpus.
 fuzz: install
@@ -46,7 +49,7 @@ fuzz: install
 
 # The long churn run: 1000 join/publish/leave cycles; objects, tasks, fds back to baseline, RSS within 10 %.
 soak: install
-	CHORUS_CHURN_CYCLES=1000 $(PY) -m pytest -s -o timeout=1800 tests/test_churn.py
+	CHORUS_CHURN_CYCLES=1000 $(PY) -P -m pytest -s -o timeout=1800 tests/test_churn.py
 
 # Chorus against Janus (and aiortc's MediaRelay) under the same load, side by side: ~6 minutes.
 # gcc builds a tiny preload library that makes Janus gather candidates on loopback only.
@@ -58,7 +61,7 @@ bench-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi
 
 bench: install bench-deps
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m chorus.bench $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check sfu signaling turn tests

@@ -1,4 +1,4 @@
-"""``python -m bench``: see :mod:`bench.cli`."""
+"""``python -m chorus.bench``: see :mod:`bench.cli`."""
 
 import sys
 

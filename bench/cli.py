@@ -1,13 +1,13 @@
 """
-``python -m bench`` (or ``chorus-bench``): Chorus against Janus under identical load, plus the MediaRelay
+``python -m chorus.bench`` (or ``chorus-bench``): Chorus against Janus under identical load, plus the MediaRelay
 baseline. Prints one progress line per step on stderr, then the table, the Chorus/Janus ratios and the
 targets on stdout, and writes everything as JSON to ``bench/results/<timestamp>.json``.
 
 Examples::
 
-    python -m bench                                   # everything (what `make bench` runs)
-    python -m bench --scenario fanout-50 --server chorus --profile   # where Chorus spends its time
-    python -m bench --scenario fanout-2 --server chorus --duration 3 --no-baseline   # a quick look
+    python -m chorus.bench                                   # everything (what `make bench` runs)
+    python -m chorus.bench --scenario fanout-50 --server chorus --profile   # where Chorus spends its time
+    python -m chorus.bench --scenario fanout-2 --server chorus --duration 3 --no-baseline   # a quick look
 """
 
 from __future__ import annotations

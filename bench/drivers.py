@@ -19,7 +19,7 @@ from typing import Any
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.rtcconfiguration import RTCBundlePolicy
 
-from signaling.client import ChorusClient
+from chorus.signaling.client import ChorusClient
 
 from .janus import JanusHandle, JanusSession
 from .media import Clip, ClipAudioTrack, ClipVideoTrack

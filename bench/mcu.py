@@ -2,7 +2,7 @@
 Server CPU of an MCU room: N participants (4 by default) each publish VP8 640x480@30 and Opus, and each
 receives its N-1 audio mix and the grid composite (640x480@15 by default). Prints the server's CPU use.
 
-    .venv/bin/python -m bench.mcu [--participants 4] [--seconds 20] [--compare-sfu]
+    .venv/bin/python -m chorus.bench.mcu [--participants 4] [--seconds 20] [--compare-sfu]
 
 The server is a real ``chorus serve`` process; its CPU is read from ``/proc/<pid>/stat`` (all threads,
 decoder threads included). Publishers send a VP8 clip encoded once at start-up (so the load generator does
@@ -32,8 +32,8 @@ import numpy as np
 from aiortc import AudioStreamTrack, MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from sfu import aiortc_adapter
-from signaling.client import ChorusClient
+from chorus.sfu import aiortc_adapter
+from chorus.signaling.client import ChorusClient
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -138,7 +138,7 @@ def rss_mb(pid: int) -> float:
 
 def start_server(port: int, log: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "chorus.signaling", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
         env={**os.environ, "CHORUS_DEV_MODE": "1", "CHORUS_LOG_LEVEL": "warning"},
     )

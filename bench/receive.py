@@ -26,8 +26,8 @@ from aiortc.codecs import is_rtx
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import RtpPacket, is_rtcp
 
-from sfu import aiortc_adapter
-from sfu.rtp import vp8_is_keyframe_start
+from chorus.sfu import aiortc_adapter
+from chorus.sfu.rtp import vp8_is_keyframe_start
 
 from .media import TRAILER_SIZE, read_trailer
 

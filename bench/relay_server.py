@@ -1,5 +1,5 @@
 """
-The baseline: what aiortc's public API offers for a group call. ``python -m bench.relay_server --port N``
+The baseline: what aiortc's public API offers for a group call. ``python -m chorus.bench.relay_server --port N``
 
 A deliberately small server that speaks the subset of the Chorus protocol the benchmark uses (``join``,
 ``publish``, server ``offer`` → client ``answer``) and forwards with :class:`aiortc.contrib.media.MediaRelay`:
@@ -23,7 +23,7 @@ from aiohttp import WSMsgType, web
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 
-from sfu import aiortc_adapter
+from chorus.sfu import aiortc_adapter
 
 logger = logging.getLogger("bench.relay")
 

@@ -49,7 +49,7 @@ class Options:
 
 
 class WorkerProcess:
-    """One ``python -m bench.worker`` child, spoken to with JSON lines."""
+    """One ``python -m chorus.bench.worker`` child, spoken to with JSON lines."""
 
     def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
         self.proc = proc
@@ -62,7 +62,7 @@ class WorkerProcess:
 
     @classmethod
     async def start(cls, name: str, cpu: int | None) -> WorkerProcess:
-        cmd, preexec = servers.pinned([sys.executable, "-m", "bench.worker"], cpu)
+        cmd, preexec = servers.pinned([sys.executable, "-m", "chorus.bench.worker"], cpu)
         proc = await asyncio.create_subprocess_exec(
             *cmd, cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             preexec_fn=preexec, limit=1 << 26,  # type: ignore[arg-type]

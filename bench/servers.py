@@ -154,7 +154,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
 def start_chorus(cpu: int | None, logdir: Path) -> Server:
     port = free_port()
     log_path = logdir / f"chorus-{port}.log"
-    cmd, preexec = pinned([sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1",
+    cmd, preexec = pinned([sys.executable, "-m", "chorus.signaling", "serve", "--host", "127.0.0.1",
                            "--port", str(port)], cpu)
     env = {
         **os.environ,
@@ -180,7 +180,7 @@ def start_chorus(cpu: int | None, logdir: Path) -> Server:
 def start_relay(cpu: int | None, logdir: Path) -> Server:
     port = free_port()
     log_path = logdir / f"relay-{port}.log"
-    cmd, preexec = pinned([sys.executable, "-m", "bench.relay_server", "--port", str(port)], cpu)
+    cmd, preexec = pinned([sys.executable, "-m", "chorus.bench.relay_server", "--port", str(port)], cpu)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=preexec)

@@ -1,5 +1,5 @@
 """
-A load-generator process: ``python -m bench.worker``. It runs participants (publishers, subscribers) on
+A load-generator process: ``python -m chorus.bench.worker``. It runs participants (publishers, subscribers) on
 its own event loop and obeys JSON-line commands on stdin, answering on stdout (one JSON object per line,
 ``{"id": <same>, "ok": true, ...}``). The orchestrator (``bench.run``) starts several of these, pinned to
 the generator core, and reuses them for every run.
@@ -25,7 +25,7 @@ import time
 import traceback
 from typing import Any
 
-from sfu import aiortc_adapter
+from chorus.sfu import aiortc_adapter
 
 from .drivers import DRIVERS, Participant
 from .media import load_clip

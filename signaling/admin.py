@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sfu import ChorusError
+from chorus.sfu import ChorusError
 
 from . import resources
 from .auth import Verify, forbidden

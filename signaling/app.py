@@ -12,9 +12,9 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from sfu import aiortc_adapter
-from sfu.mcu import McuOptions
-from turn import credentials as turn_credentials
+from chorus.sfu import aiortc_adapter
+from chorus.sfu.mcu import McuOptions
+from chorus.turn import credentials as turn_credentials
 
 from . import auth
 from .admin import create_admin_app

@@ -15,7 +15,7 @@ from typing import Any
 
 import jwt
 
-from sfu.errors import ChorusError
+from chorus.sfu.errors import ChorusError
 
 MIN_SECRET_BYTES = 32
 ALGORITHM = "HS256"

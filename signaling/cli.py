@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from aiohttp import web
 from pydantic import ValidationError
 
-from sfu import logs
-from turn import cli as turn_cli
+from chorus.sfu import logs
+from chorus.turn import cli as turn_cli
 
 from . import auth
 from .app import ConfigError, create_app

@@ -38,7 +38,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from sfu import aiortc_adapter
+from chorus.sfu import aiortc_adapter
 
 logger = logging.getLogger("chorus.client")
 

@@ -40,8 +40,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sfu import ChorusError
-from sfu.logs import PeerLogger
+from chorus.sfu import ChorusError
+from chorus.sfu.logs import PeerLogger
 
 logger = PeerLogger(logging.getLogger("chorus.cluster"))
 

@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-from sfu.errors import ChorusError
+from chorus.sfu.errors import ChorusError
 
 PROTOCOL_VERSION = 1
 MAX_ID = 2**53 - 1

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiortc import RTCPeerConnection
 
-from sfu import Consumer, Peer, Producer
+from chorus.sfu import Consumer, Peer, Producer
 
 
 def _socket_inodes() -> set[str]:

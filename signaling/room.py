@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sfu import InvalidStateError, LimitError, NotFoundError, Peer, Producer, Router
-from sfu.logs import PeerLogger
-from sfu.mcu import McuOptions, McuRouter
+from chorus.sfu import InvalidStateError, LimitError, NotFoundError, Peer, Producer, Router
+from chorus.sfu.logs import PeerLogger
+from chorus.sfu.mcu import McuOptions, McuRouter
 
 if TYPE_CHECKING:
     from .session import Session

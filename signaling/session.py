@@ -10,10 +10,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from sfu import ChorusError, Peer
-from sfu.logs import PeerLogger
-from sfu.mcu import MODES, McuOptions
-from sfu.peer import new_id
+from chorus.sfu import ChorusError, Peer
+from chorus.sfu.logs import PeerLogger
+from chorus.sfu.mcu import MODES, McuOptions
+from chorus.sfu.peer import new_id
 
 from . import protocol
 from .auth import Grants, forbidden

@@ -9,7 +9,7 @@ from aiortc import MediaStreamTrack
 from conftest import ServerProcess, connect
 from media import EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
 
-from signaling.client import ChorusClient
+from chorus.signaling.client import ChorusClient
 
 
 class Received:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sfu import aiortc_adapter
-from signaling.client import ChorusClient
+from chorus.sfu import aiortc_adapter
+from chorus.signaling.client import ChorusClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,8 +38,8 @@ class ServerProcess:
         self.log_path = tmp / f"chorus-{self.port}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "signaling.cli", "serve", "--host", host, "--port", str(self.port)],
-            cwd=ROOT,
+            [sys.executable, "-m", "chorus.signaling", "serve", "--host", host, "--port", str(self.port)],
+            cwd=tmp,  # the installed package runs, not whatever the repository root holds
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "CHORUS_LOG_LEVEL": "info", "CHORUS_DEV_MODE": "1", "CHORUS_JOIN_RATE_PER_IP": "1000",

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from aioice import stun
 
-from signaling.config import Settings
-from turn import config
+from chorus.signaling.config import Settings
+from chorus.turn import config
 
 TURNSERVER = shutil.which("turnserver") or "/usr/bin/turnserver"
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from sfu import ChorusError, Router
-from sfu.logs import PeerLogger
-from sfu.peer import parse_sdp
-from signaling.protocol import ProtocolError, parse_request
+from chorus.sfu import ChorusError, Router
+from chorus.sfu.logs import PeerLogger
+from chorus.sfu.peer import parse_sdp
+from chorus.signaling.protocol import ProtocolError, parse_request
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 BASE_SDP = (CORPUS / "base-offer.sdp").read_text()
@@ -99,7 +99,7 @@ def check_datagram(data: bytes) -> None:
     """A datagram arriving at an ICE socket, through Chorus's guard."""
     import aioice.ice
 
-    from sfu import aiortc_adapter
+    from chorus.sfu import aiortc_adapter
 
     aiortc_adapter.guard_stun_parsing()
 

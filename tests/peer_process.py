@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from media import ColorTrack, SineTrack  # noqa: E402
 
-from sfu import aiortc_adapter  # noqa: E402
-from signaling.client import ChorusClient  # noqa: E402
+from chorus.sfu import aiortc_adapter  # noqa: E402
+from chorus.signaling.client import ChorusClient  # noqa: E402
 
 
 async def main(url: str, room: str, name: str, mode: str = "publish") -> None:

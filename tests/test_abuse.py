@@ -17,8 +17,8 @@ from calls import Received, two_person_call
 from conftest import ServerProcess, connect
 from media import EncodedVideoTrack, count_frames, encode_vp8_clip
 
-from sfu import aiortc_adapter
-from signaling.client import ChorusClient
+from chorus.sfu import aiortc_adapter
+from chorus.signaling.client import ChorusClient
 
 HERE = Path(__file__).resolve().parent
 

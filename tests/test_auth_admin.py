@@ -23,8 +23,8 @@ from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack, count_frames
 
-from signaling import auth
-from signaling.client import ChorusClient, RequestError
+from chorus.signaling import auth
+from chorus.signaling.client import ChorusClient, RequestError
 
 SECRET = "test-secret-" + "x" * 40
 WEBHOOK_SECRET = "webhook-secret-" + "y" * 20

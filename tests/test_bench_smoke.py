@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import janus
-
-ROOT = Path(__file__).resolve().parent.parent
+from chorus.bench import janus
 
 
 @pytest.mark.timeout(90)
@@ -19,9 +17,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     servers = ["--server", "chorus"] + (["--server", "janus"] if janus.janus_binary() else [])
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--scenario", "fanout-2", *servers, "--duration", "3", "--settle", "0.5",
+        [sys.executable, "-m", "chorus.bench", "--scenario", "fanout-2", *servers, "--duration", "3", "--settle", "0.5",
          "--workers", "1", "--no-baseline", "--retry-budget", "0", "--output", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=80,
+        cwd=tmp_path, capture_output=True, text=True, timeout=80,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "1×2" in proc.stdout and "chorus" in proc.stdout  # the table was printed

@@ -18,7 +18,7 @@ from calls import Received
 from conftest import ServerProcess, connect
 from media import EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
 
-from signaling.client import ChorusClient
+from chorus.signaling.client import ChorusClient
 
 CYCLES = int(os.environ.get("CHORUS_CHURN_CYCLES", "100"))
 EXACT = ("peer_connections", "peers", "producers", "consumers", "tasks", "threads", "fds", "udp_sockets")

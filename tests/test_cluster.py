@@ -19,7 +19,7 @@ from calls import Received
 from conftest import ServerProcess, connect, free_port
 from media import ColorTrack, EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
 
-from signaling.client import ChorusClient, RequestError
+from chorus.signaling.client import ChorusClient, RequestError
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from signaling.config import Settings
+from chorus.signaling.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"CHORUS_AUTH_SECRET": "a" * 40, "CHORUS_TURN_SECRET": "t" * 20, "PUBLIC_IP": "203.0.113.7"}
@@ -60,7 +60,7 @@ def test_dockerfile_copies_what_exists() -> None:
 
 
 def test_print_config_hides_secrets() -> None:
-    out = subprocess.run([sys.executable, "-m", "signaling.cli", "serve", "--print-config"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "chorus.signaling", "serve", "--print-config"], cwd=ROOT.parent,
                          env={**os.environ, **ENV}, capture_output=True, text=True, check=True)
     shown = json.loads(out.stdout)
     assert shown["auth_secret"] == "***" and shown["turn_secret"] == "***"
@@ -69,6 +69,6 @@ def test_print_config_hides_secrets() -> None:
 
 def test_serve_refuses_to_run_without_auth_or_dev_mode() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
-    out = subprocess.run([sys.executable, "-m", "signaling.cli", "serve", "--port", "0"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "chorus.signaling", "serve", "--port", "0"], cwd=ROOT.parent, env=env,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "dev_mode" in out.stderr

@@ -20,7 +20,7 @@ from calls import Received, two_person_call
 from conftest import ServerProcess, connect
 from media import count_frames
 
-from signaling.client import ChorusClient
+from chorus.signaling.client import ChorusClient
 
 HERE = Path(__file__).resolve().parent
 playwright_api = pytest.importorskip("playwright.async_api")

@@ -14,7 +14,7 @@ from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
 
-from signaling.client import ChorusClient
+from chorus.signaling.client import ChorusClient
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from conftest import ServerProcess, connect
 from fuzz_targets import CORPUS, TARGETS, check_datagram, check_parse_sdp, check_publish
 from hypothesis import HealthCheck, given, settings
 
-from sfu.errors import InvalidSdpError
-from sfu.peer import parse_sdp
-from signaling.client import ChorusClient, RequestError
+from chorus.sfu.errors import InvalidSdpError
+from chorus.sfu.peer import parse_sdp
+from chorus.signaling.client import ChorusClient, RequestError
 
 SHORT = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 

@@ -8,7 +8,7 @@ from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack, collect_audio, count_frames, dominant_frequency
 
-from signaling.client import ChorusClient
+from chorus.signaling.client import ChorusClient
 
 
 async def test_three_peers_see_and_hear_each_other(server: ServerProcess, clients: list[ChorusClient],

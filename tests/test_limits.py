@@ -10,7 +10,7 @@ import pytest
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack
 
-from signaling.client import ChorusClient, RequestError
+from chorus.signaling.client import ChorusClient, RequestError
 
 ORIGIN = "https://meet.example.org"
 

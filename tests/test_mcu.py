@@ -20,9 +20,9 @@ from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack
 
-from sfu.mcu import McuOptions
-from sfu.mixer import FRAME_SAMPLES, JITTER_MAX, JITTER_TARGET, AudioSource, fit, grid, mix_minus_one
-from signaling.client import ChorusClient, RequestError
+from chorus.sfu.mcu import McuOptions
+from chorus.sfu.mixer import FRAME_SAMPLES, JITTER_MAX, JITTER_TARGET, AudioSource, fit, grid, mix_minus_one
+from chorus.signaling.client import ChorusClient, RequestError
 
 #: Small composite for tests: cheap to encode on the server and to decode in the clients.
 SMALL = {"width": 320, "height": 240, "fps": 15}

@@ -15,7 +15,7 @@ from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, SineTrack, count_frames
 
-from signaling.client import ChorusClient
+from chorus.signaling.client import ChorusClient
 
 HERE = Path(__file__).resolve().parent
 

@@ -8,7 +8,7 @@ import pytest
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
-from sfu.rtp import RtpWriter, h264_is_keyframe_start, vp8_is_keyframe_start
+from chorus.sfu.rtp import RtpWriter, h264_is_keyframe_start, vp8_is_keyframe_start
 
 URIS = {
     "mid": "urn:ietf:params:rtp-hdrext:sdes:mid",

@@ -34,13 +34,13 @@ from coturn import coturn_fixture as coturn_fixture  # the `coturn` fixture
 from coturn import hardened_coturn_fixture as hardened_coturn_fixture  # the `hardened_coturn` fixture
 from media import ColorTrack, SineTrack
 
-from signaling.client import ChorusClient
-from signaling.config import Settings
-from turn import check as turn_check
-from turn import cli as turn_cli
-from turn import config as turn_config
-from turn.client import Transport, TurnClient, TurnError
-from turn.credentials import ice_servers, mint
+from chorus.signaling.client import ChorusClient
+from chorus.signaling.config import Settings
+from chorus.turn import check as turn_check
+from chorus.turn import cli as turn_cli
+from chorus.turn import config as turn_config
+from chorus.turn.client import Transport, TurnClient, TurnError
+from chorus.turn.credentials import ice_servers, mint
 
 pytestmark = pytest.mark.skipif(not os.path.exists(TURNSERVER), reason="coturn is not installed")
 

@@ -20,7 +20,7 @@ from . import check as turn_check
 from . import config, credentials
 
 if TYPE_CHECKING:
-    from signaling.config import Settings
+    from chorus.signaling.config import Settings
 
 LABELS = {"pass": "PASS", "fail": "FAIL", "warn": "WARN"}
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from signaling.config import Settings
+    from chorus.signaling.config import Settings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
