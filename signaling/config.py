@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chorus.turn.credentials import check_secret
+
 
 class Settings(BaseSettings):
     """All of Chorus's configuration."""
@@ -55,10 +57,7 @@ class Settings(BaseSettings):
     @field_validator("turn_secret")
     @classmethod
     def _no_padding(cls, value: str | None) -> str | None:
-        # coturn strips whitespace around its secret: a padded one would make every credential fail.
-        if value is not None and (not value or value != value.strip()):
-            raise ValueError("turn_secret must be non-empty and have no leading or trailing whitespace")
-        return value
+        return check_secret(value)
 
     # --- TURN (coturn with use-auth-secret) -------------------------------------------------------------
     turn_secret: str | None = Field(

@@ -14,13 +14,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import check as turn_check
 from . import config, credentials
-
-if TYPE_CHECKING:
-    from chorus.signaling.config import Settings
+from .config import TurnSettings
 
 LABELS = {"pass": "PASS", "fail": "FAIL", "warn": "WARN"}
 
@@ -57,7 +54,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     mint.add_argument("--ttl", type=int, help="lifetime in seconds (default: turn_ttl)")
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace, settings: TurnSettings) -> int:
     """Execute ``chorus turn <command>``; returns the exit status (0 ok, 1 check failed, 2 usage error)."""
     try:
         if args.turn_command == "config":
@@ -74,7 +71,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     raise AssertionError(f"unknown turn command {args.turn_command!r}")
 
 
-def _config(args: argparse.Namespace, settings: Settings) -> int:
+def _config(args: argparse.Namespace, settings: TurnSettings) -> int:
     text = config.render(
         settings,
         allow_loopback_peers=args.allow_loopback_peers,
@@ -92,7 +89,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace, settings: Settings, secret: str) -> int:
+def _check(args: argparse.Namespace, settings: TurnSettings, secret: str) -> int:
     host = args.turn_host or _reachable(settings.turn_listening_ip)
     port = args.turn_port or settings.turn_port
     print(f"checking TURN server {host}:{port} over {args.transport} (realm {settings.turn_realm!r})", flush=True)
@@ -111,7 +108,7 @@ def _check(args: argparse.Namespace, settings: Settings, secret: str) -> int:
     return 0 if result.ok else 1
 
 
-def _credentials(args: argparse.Namespace, settings: Settings, secret: str) -> int:
+def _credentials(args: argparse.Namespace, settings: TurnSettings, secret: str) -> int:
     ttl = args.ttl if args.ttl is not None else settings.turn_ttl
     if ttl <= 0:
         raise ValueError("--ttl must be positive")

@@ -25,7 +25,7 @@ import ipaddress
 import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -132,22 +132,25 @@ def _error_text(message: stun.Message) -> tuple[int, str]:
 
 
 class _Protocol(asyncio.Protocol, asyncio.DatagramProtocol):
-    """Feeds received bytes (datagrams, or a TCP byte stream) to the client."""
+    """Feeds received bytes (datagrams, or a TCP byte stream) to the client's handlers."""
 
-    def __init__(self, client: TurnClient) -> None:
-        self.client = client
+    def __init__(self, on_datagram: Callable[[bytes], None], on_stream: Callable[[bytes], None],
+                 on_failure: Callable[[Exception], None]) -> None:
+        self._on_datagram = on_datagram
+        self._on_stream = on_stream
+        self._on_failure = on_failure
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.client._received(data)
+        self._on_datagram(data)
 
     def data_received(self, data: bytes) -> None:
-        self.client._stream_received(data)
+        self._on_stream(data)
 
     def error_received(self, exc: Exception) -> None:
-        self.client._failed(exc)
+        self._on_failure(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._failed(exc or ConnectionResetError("connection closed by the server"))
+        self._on_failure(exc or ConnectionResetError("connection closed by the server"))
 
 
 class TurnClient:
@@ -207,16 +210,20 @@ class TurnClient:
         :raises TurnTimeout: a TCP connection was not established within the timeout.
         """
         loop = asyncio.get_running_loop()
+
+        def protocol() -> _Protocol:
+            return _Protocol(self._received, self._stream_received, self._failed)
+
         if self.transport_kind == "tcp":
             try:
                 self._transport, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Protocol(self), self.host, self.port), self.timeout
+                    loop.create_connection(protocol, self.host, self.port), self.timeout
                 )
             except TimeoutError:
                 raise TurnTimeout(f"no TCP connection to {self.host}:{self.port} within {self.timeout:g}s") from None
         else:
             self._transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Protocol(self), remote_addr=(self.host, self.port)
+                protocol, remote_addr=(self.host, self.port)
             )
 
     async def close(self) -> None:

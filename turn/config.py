@@ -1,5 +1,5 @@
 """
-Render a hardened coturn ``turnserver.conf`` from Chorus :class:`~signaling.config.Settings`.
+Render a hardened coturn ``turnserver.conf`` from Chorus settings (anything with the :class:`TurnSettings` fields).
 
 A TURN server relays UDP to any address a client names, so an open one lets anyone on the internet reach
 what only the server can reach: its loopback services, the private network behind it, the cloud metadata
@@ -13,10 +13,47 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from chorus.signaling.config import Settings
+from .credentials import check_secret
+
+
+class TurnSettings(Protocol):
+    """The TURN settings Chorus has (``chorus.signaling.config.Settings`` provides them)."""
+
+    @property
+    def turn_secret(self) -> str | None: ...
+    @property
+    def turn_urls(self) -> list[str]: ...
+    @property
+    def turn_ttl(self) -> int: ...
+    @property
+    def turn_realm(self) -> str: ...
+    @property
+    def turn_listening_ip(self) -> str: ...
+    @property
+    def turn_relay_ip(self) -> str | None: ...
+    @property
+    def turn_external_ip(self) -> str | None: ...
+    @property
+    def turn_port(self) -> int: ...
+    @property
+    def turn_tls_port(self) -> int: ...
+    @property
+    def turn_min_port(self) -> int: ...
+    @property
+    def turn_max_port(self) -> int: ...
+    @property
+    def turn_tls_cert(self) -> Path | None: ...
+    @property
+    def turn_tls_key(self) -> Path | None: ...
+    @property
+    def turn_user_quota(self) -> int: ...
+    @property
+    def turn_total_quota(self) -> int: ...
+    @property
+    def turn_max_bps(self) -> int: ...
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -107,7 +144,7 @@ def denied_networks(*, allow_loopback_peers: bool = False) -> list[tuple[str, st
 
 
 def render(
-    settings: Settings,
+    settings: TurnSettings,
     *,
     allow_loopback_peers: bool = False,
     allowed_peer_ips: Sequence[str] = (),
@@ -126,11 +163,9 @@ def render(
         certificate without key (or the reverse); a port range upside down; a value with a line break; an
         allowed peer that is not an address, or is 0.0.0.0 or ``::`` (coturn reads those as "any").
     """
-    if not settings.turn_secret:
+    if settings.turn_secret is None:
         raise ValueError("turn_secret is not set: coturn needs it as static-auth-secret")
-    if settings.turn_secret != settings.turn_secret.strip():
-        # coturn strips the value it reads, so credentials minted with the full secret would never match
-        raise ValueError("turn_secret must not start or end with whitespace")
+    check_secret(settings.turn_secret)
     if (settings.turn_tls_cert is None) != (settings.turn_tls_key is None):
         raise ValueError("turn_tls_cert and turn_tls_key must be set together")
     if settings.turn_min_port > settings.turn_max_port:

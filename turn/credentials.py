@@ -20,6 +20,18 @@ class TurnCredential:
     expires_at: int
 
 
+def check_secret(secret: str | None) -> str | None:
+    """
+    The one rule for a TURN shared secret, for the settings and for coturn's rendered config alike.
+
+    :raises ValueError: the secret is empty or starts or ends with whitespace: coturn strips the value it reads,
+        so credentials minted with the full secret would never match.
+    """
+    if secret is not None and (not secret or secret != secret.strip()):
+        raise ValueError("turn_secret must be non-empty and have no leading or trailing whitespace")
+    return secret
+
+
 def mint(secret: str, identity: str, ttl: int, *, now: float | None = None) -> TurnCredential:
     """
     Mint a credential for ``identity`` valid for ``ttl`` seconds from ``now``.
