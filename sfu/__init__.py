@@ -1,8 +1,10 @@
 """
 Chorus media plane: a selective forwarding unit on top of aiortc.
 
-``Router`` (one per room) → ``Peer`` (one per participant) → ``Producer`` (a published track) →
-``Consumer`` (that track forwarded to one subscriber). This package never imports ``signaling``.
+``Router`` (one per room) → ``Peer`` (one per participant, owning a ``PublishTransport`` and a
+``SubscribeTransport``) → ``Producer`` (a published track, one kind of ``Source``) → ``Consumer`` (a source
+forwarded to one subscriber, one kind of ``Sink``). Events go up through one ``RouterObserver``. This package never
+imports ``chorus.signaling``.
 """
 
 from .consumer import Consumer
@@ -14,20 +16,35 @@ from .errors import (
     NotFoundError,
     UnsupportedCodecError,
 )
+from .ids import new_id
+from .mcu import MODES, McuOptions, McuRouter
+from .observer import OfferedTrack, RouterObserver, SubscribeOffer, TrackInfo
 from .peer import Peer
 from .producer import Producer
-from .router import Router, RouterObserver
+from .router import Router, RouterCounts
+from .source import PacketMeta, Sink, Source
 
 __all__ = [
+    "MODES",
     "ChorusError",
     "Consumer",
     "InvalidSdpError",
     "InvalidStateError",
     "LimitError",
+    "McuOptions",
+    "McuRouter",
     "NotFoundError",
+    "OfferedTrack",
+    "PacketMeta",
     "Peer",
     "Producer",
     "Router",
+    "RouterCounts",
     "RouterObserver",
+    "Sink",
+    "Source",
+    "SubscribeOffer",
+    "TrackInfo",
     "UnsupportedCodecError",
+    "new_id",
 ]

@@ -1,10 +1,12 @@
 """
-The one place where Chorus touches aiortc's private API.
+The one place where Chorus touches aiortc's and aioice's private API.
 
-Chorus forwards RTP without decoding or encoding, which aiortc's public API does not offer. Everything
-it needs from aiortc internals is reached through the functions below, and :func:`check` verifies at
-import time that every attribute exists in the installed aiortc, failing with a clear message otherwise.
-aiortc is pinned exactly in ``pyproject.toml`` for that reason.
+Chorus forwards RTP without decoding or encoding, which aiortc's public API does not offer. Everything it needs
+from aiortc/aioice internals — in the server, the Python client, the benchmark and the test helpers — is reached
+through the functions below, and :func:`check` verifies at startup that every attribute exists in the installed
+aiortc, failing with a clear message otherwise. aiortc is pinned exactly in ``pyproject.toml`` for that reason.
+Nothing here changes aiortc or aioice when imported: process-wide changes (:func:`set_host_addresses`,
+:func:`guard_stun_parsing`) are explicit calls made by the server and the clients.
 
 What is used, and why:
 
@@ -13,19 +15,25 @@ What is used, and why:
   undo that per receiver (:func:`enable_decoding`) and read the decoded frames.
 * ``RTCRtpReceiver._handle_rtp_packet`` / ``RTCRtpSender._handle_rtcp_packet`` — replaced *on the
   instance* (aiortc's RtpRouter looks them up per instance) to see every packet.
-* ``RTCRtpReceiver.__codecs`` / ``__rtx_ssrc`` / ``_send_rtcp_pli`` — payload types, RTX SSRC mapping and
-  keyframe requests towards a publisher.
-* ``RTCRtpSender.__started`` / ``__rtp_header_extensions_map`` / ``__mid`` and its stats counters — to
-  know when a subscriber's sender is negotiated, to serialize header extensions with the subscriber's IDs,
-  and to keep its sender reports honest.
+* ``RTCRtpReceiver.__codecs`` / ``__rtx_ssrc`` / ``_send_rtcp_pli`` / ``__remote_streams`` — payload types,
+  RTX SSRC mapping, keyframe requests towards a publisher, and the per-SSRC receive statistics that receiver
+  reports are built from (the benchmark's counting receiver keeps them).
+* ``RTCRtpSender._ssrc`` / ``__started`` / ``__rtp_header_extensions_map`` / ``__mid`` / ``__force_keyframe``
+  and its stats counters — the SSRC to write, to know when a subscriber's sender is negotiated, to serialize
+  header extensions with the subscriber's IDs, to keep its sender reports honest, and (benchmark publishers
+  that send pre-encoded video) to see a keyframe request.
+* ``RTCRtpTransceiver._codecs`` — the codecs negotiated for a transceiver.
 * ``RTCDtlsTransport._send_rtp`` — SRTP-protect and send one packet; on the hot path
   (:func:`direct_rtp_sender`) ``RTCDtlsTransport._state``/``_tx_srtp`` and aioice's
-  ``Connection._nominated`` pair with its protocol's UDP transport, to do the same synchronously.
+  ``Connection._nominated`` pair with its protocol's UDP transport, to do the same synchronously;
+  ``RTCDtlsTransport._rx_srtp`` and ``Connection._protocols`` for the benchmark's receive fast path.
+* ``OpusEncoder.codec`` — the libopus context of aiortc's encoder, to set the MCU mix's bit rate.
 * ``aioice.ice.get_host_addresses`` — to choose which host addresses the server advertises (aioice leaves
   loopback out, which a local browser needs).
 * ``aioice.ice.StunProtocol.datagram_received`` and ``Connection._check_list`` — wrapped/read so a
   hostile datagram can neither kill a connection nor raise into the event loop (see
-  :func:`guard_stun_parsing`).
+  :func:`guard_stun_parsing`); a protocol instance's ``datagram_received`` is also wrapped by the benchmark
+  (:func:`intercept_datagrams`).
 """
 
 from __future__ import annotations
@@ -39,9 +47,11 @@ import aioice.ice
 import aiortc
 import aiortc.rtcrtpreceiver
 from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import AnyRtcpPacket, HeaderExtensionsMap, RtpPacket
 
 SUPPORTED_AIORTC = "1.16.0"
@@ -62,6 +72,7 @@ _RECEIVER_ATTRS = (
     "_RTCRtpReceiver__rtx_ssrc",
     "_RTCRtpReceiver__decoder_thread",
     "_RTCRtpReceiver__decoder_queue",
+    "_RTCRtpReceiver__remote_streams",
 )
 _SENDER_ATTRS = (
     "_handle_rtcp_packet",
@@ -75,6 +86,7 @@ _SENDER_ATTRS = (
     "_RTCRtpSender__rtp_timestamp",
     "_RTCRtpSender__octet_count",
     "_RTCRtpSender__packet_count",
+    "_RTCRtpSender__force_keyframe",
 )
 
 
@@ -112,17 +124,19 @@ async def check() -> None:
             if not hasattr(transceiver, attr):
                 problems.append(f"RTCRtpTransceiver.{attr} is missing")
         dtls = transceiver.sender.transport
-        for attr in ("_state", "_tx_srtp"):
+        for attr in ("_state", "_tx_srtp", "_rx_srtp"):
             if not hasattr(dtls, attr):
                 problems.append(f"RTCDtlsTransport.{attr} is missing")
         connection = getattr(dtls.transport, "_connection", None)
-        for attr in ("_nominated", "_check_list"):
+        for attr in ("_nominated", "_check_list", "_protocols"):
             if not hasattr(connection, attr):
                 problems.append(f"aioice Connection.{attr} is missing")
         if not hasattr(DtlsState, "CONNECTED"):
             problems.append("aiortc.rtcdtlstransport.State.CONNECTED is missing")
         if not hasattr(HeaderExtensionsMap(), "_HeaderExtensionsMap__ids"):
             problems.append("HeaderExtensionsMap.__ids is missing")
+        if not hasattr(OpusEncoder(), "codec"):
+            problems.append("OpusEncoder.codec is missing")
     finally:
         await pc.close()
     if problems:
@@ -239,6 +253,13 @@ async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
     await receiver._send_rtcp_pli(media_ssrc)
 
 
+def receiver_streams(receiver: RTCRtpReceiver) -> dict[int, StreamStatistics]:
+    """SSRC → receive statistics, from which aiortc builds the receiver's RTCP receiver reports. A handler that
+    replaces aiortc's (:func:`hook_receiver_rtp`) without calling it adds packets here to keep the reports."""
+    streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+    return streams
+
+
 # --- sender (subscriber side) -----------------------------------------------------------------------
 
 
@@ -284,6 +305,20 @@ def sender_count_sent(sender: RTCRtpSender, payload_bytes: int, rtp_timestamp: i
     sender._RTCRtpSender__ntp_timestamp = ntp_time  # type: ignore[attr-defined]
 
 
+def sender_ssrc(sender: RTCRtpSender) -> int:
+    """The SSRC the sender was given (what subscribers' RTCP refers to)."""
+    return sender._ssrc
+
+
+def take_keyframe_request(sender: RTCRtpSender) -> bool:
+    """Whether the remote side asked ``sender`` for a keyframe since the last call (PLI/FIR), resetting the flag.
+    For senders whose track produces pre-encoded frames."""
+    wanted = bool(getattr(sender, "_RTCRtpSender__force_keyframe", False))
+    if wanted:
+        sender._RTCRtpSender__force_keyframe = False  # type: ignore[attr-defined]
+    return wanted
+
+
 def set_sender_stream(sender: RTCRtpSender, stream_id: str, track_id: str) -> None:
     """Set the ``a=msid:<stream> <track>`` a sender is offered with."""
     sender._stream_id = stream_id
@@ -327,6 +362,51 @@ def direct_rtp_sender(sender: RTCRtpSender) -> Callable[[bytes], None] | None:
 async def send_rtp(sender: RTCRtpSender, data: bytes) -> None:
     """SRTP-protect and send one serialized RTP packet on the sender's transport."""
     await sender.transport._send_rtp(data)
+
+
+def nominated_local_candidate_type(dtls: RTCDtlsTransport) -> str | None:
+    """The type (``host``, ``srflx``, ``prflx``, ``relay``) of the local candidate of the nominated ICE pair."""
+    pair = dtls.transport._connection._nominated.get(1)
+    return None if pair is None else str(pair.local_candidate.type)
+
+
+# --- datagrams (benchmark receive fast path) ----------------------------------------------------------------
+
+DatagramHandler = Callable[[bytes, tuple[Any, ...]], bool]
+
+
+def ice_protocols(dtls: RTCDtlsTransport) -> list[Any]:
+    """The aioice datagram protocols (one per local candidate socket) under a DTLS transport."""
+    return list(dtls.transport._connection._protocols)
+
+
+def intercept_datagrams(protocol: Any, handler: DatagramHandler) -> None:
+    """Show every datagram ``protocol`` receives to ``handler`` first; aioice handles it unless ``handler``
+    returns true."""
+    original = protocol.datagram_received
+
+    def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
+        if not handler(data, addr):
+            original(data, addr)
+
+    protocol.datagram_received = datagram_received
+
+
+def srtp_unprotect(dtls: RTCDtlsTransport) -> Callable[[bytes], bytes] | None:
+    """The SRTP decryption of an established DTLS transport (``None`` before the handshake completed)."""
+    srtp = dtls._rx_srtp
+    unprotect: Callable[[bytes], bytes] | None = None if srtp is None else srtp.unprotect
+    return unprotect
+
+
+# --- encoders ---------------------------------------------------------------------------------------------------
+
+
+def opus_encoder(bitrate: int) -> OpusEncoder:
+    """aiortc's Opus encoder, at ``bitrate`` bits per second."""
+    encoder = OpusEncoder()
+    encoder.codec.bit_rate = bitrate
+    return encoder
 
 
 # --- hardening ----------------------------------------------------------------------------------------

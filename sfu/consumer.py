@@ -1,13 +1,13 @@
-"""A Consumer forwards one Producer's RTP to one subscriber, rewritten for that subscriber's connection."""
+"""A Consumer forwards one Source's RTP to one subscriber, rewritten for that subscriber's connection."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
-from aiortc import MediaStreamTrack, RTCRtpTransceiver, clock
+from aiortc import MediaStreamTrack, RTCRtpTransceiver
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
@@ -25,9 +25,7 @@ from . import aiortc_adapter as adapter
 from . import stats
 from .logs import PeerLogger
 from .rtp import RtpWriter
-
-if TYPE_CHECKING:
-    from .producer import Producer
+from .source import PacketMeta, Source
 
 #: Packets kept per consumer to answer NACKs (aiortc's own sender keeps 128).
 NACK_CACHE_SIZE = 1024
@@ -62,49 +60,50 @@ class IdleTrack(MediaStreamTrack):
 
 class Consumer:
     """
-    One producer's track forwarded to one subscriber.
+    One source forwarded to one subscriber: a :class:`~.source.Sink` writing to a sendonly transceiver.
 
-    Lifecycle: *new* (its sendonly transceiver is added to the subscriber's connection, awaiting
-    negotiation) → *bound* (aiortc started the sender on a connected transport: the negotiated payload
-    type, MID and header extension IDs are now known; a keyframe is requested) → *forwarding* (from the
-    first keyframe start; until then video packets are held back, since a decoder cannot start mid-picture)
-    → *closed*. :meth:`restart` returns to waiting for a keyframe (after the producer resumes).
+    Lifecycle: *new* (its transceiver is added to the subscriber's connection, awaiting negotiation) →
+    *bound* (aiortc started the sender on a connected transport: the negotiated payload type, MID and header
+    extension IDs are now known; a keyframe is requested) → *forwarding* (from the first keyframe start; until
+    then video packets are held back, since a decoder cannot start mid-picture) → *closed*. :meth:`restart`
+    returns to waiting for a keyframe (after the source resumes).
 
-    Per packet it rewrites SSRC, payload type, sequence number and timestamp (offsets fixed when
-    forwarding (re)starts, so the subscriber sees one continuous stream) and the header extensions, keeps
-    the last :data:`NACK_CACHE_SIZE` packets to answer NACKs, and keeps sender statistics for SRs.
-    Subscriber PLI/FIR go to the producer, which merges them; REMB is recorded.
+    Two ways to close, as in mediasoup: :meth:`close` when the subscribe transport that owns it closes it, and
+    :meth:`source_closed` when the source ends, which also tells the owner (``on_source_closed``) so it can
+    retire the m-section.
+
+    Per packet it rewrites SSRC, payload type, sequence number and timestamp (offsets fixed when forwarding
+    (re)starts, so the subscriber sees one continuous stream) and the header extensions, keeps the last
+    :data:`NACK_CACHE_SIZE` packets to answer NACKs, and keeps sender statistics for SRs. Subscriber PLI/FIR
+    go to the source, which merges them; REMB is recorded.
     """
 
     def __init__(
         self,
         consumer_id: str,
-        producer: Producer,
+        source: Source,
         subscriber_id: str,
         transceiver: RTCRtpTransceiver,
         *,
-        on_close: Callable[[Consumer], None] | None = None,
+        on_source_closed: Callable[[Consumer], None],
         log: PeerLogger,
     ) -> None:
         self.id = consumer_id
-        self.producer = producer
+        self.source = source
         self.subscriber_id = subscriber_id
-        self.kind = producer.kind
+        self.kind = source.kind
         self.transceiver = transceiver
         self.closed = False
         self.stats = ConsumerStats()
 
         self._sender = transceiver.sender
-        self._on_close = on_close
+        self._on_source_closed = on_source_closed
         self._log = log
         self._bound = False
         self._waiting_keyframe = True
-        self._payload_type = 0
-        self._mid: str | None = None
         self._writer = RtpWriter(0, 0, mid=None, mid_id=None, abs_send_time_id=None, audio_level_id=None)
         self._direct: Callable[[bytes], None] | None = None
-        self._pending_payload = 0
-        self._clock_rate = producer.codec.clockRate
+        self._clock_rate = source.codec.clockRate
         # Output numbering; offsets are set each time forwarding (re)starts.
         self._next_seq = random.randint(0, 0x7FFF)
         self._last_ts = random.getrandbits(32)
@@ -114,9 +113,10 @@ class Consumer:
         self._started_once = False
         self._cache: list[tuple[int, bytes] | None] = [None] * NACK_CACHE_SIZE
         self._original_rtcp = adapter.hook_sender_rtcp(self._sender, self._handle_rtcp)
+        source.attach(self)
 
     def __repr__(self) -> str:
-        return f"Consumer(id={self.id}, producer={self.producer.id}, subscriber={self.subscriber_id})"
+        return f"Consumer(id={self.id}, source={self.source.id}, subscriber={self.subscriber_id})"
 
     @property
     def mid(self) -> str | None:
@@ -134,21 +134,20 @@ class Consumer:
 
     def _bind(self) -> None:
         codecs = adapter.transceiver_codecs(self.transceiver)
-        self._payload_type = cast(int, codecs[0].payloadType)  # always set once negotiated
-        self._mid = adapter.sender_mid(self._sender)
+        payload_type = cast(int, codecs[0].payloadType)  # always set once negotiated
+        mid = adapter.sender_mid(self._sender)
         mid_id, abs_id, audio_id = adapter.header_extension_ids(adapter.sender_header_extensions(self._sender))
-        self._writer = RtpWriter(self._payload_type, self._sender._ssrc, mid=self._mid, mid_id=mid_id,
+        self._writer = RtpWriter(payload_type, adapter.sender_ssrc(self._sender), mid=mid, mid_id=mid_id,
                                  abs_send_time_id=abs_id, audio_level_id=audio_id)
         self._bound = True
-        self._log.debug("consumer bound", consumer=self.id, producer=self.producer.id, mid=self._mid)
-        self.producer.request_keyframe()
+        self._log.debug("consumer bound", consumer=self.id, source=self.source.id, mid=mid)
+        self.source.request_keyframe()
 
-    def prepare(self, packet: RtpPacket, keyframe: bool, abs_send_time: bytes | None, now: float) -> bytes | None:
+    def deliver(self, packet: RtpPacket, meta: PacketMeta) -> Awaitable[bool] | None:
         """
-        Rewrite one producer packet for this subscriber: the bytes to send, or ``None`` when nothing is to be
-        sent (not negotiated yet, waiting for a keyframe, closed). ``keyframe``: the packet starts a
-        decodable picture (always true for audio); ``abs_send_time``: the 3-byte abs-send-time value and
-        ``now`` (seconds) are read once per incoming packet by the producer and shared by its consumers.
+        Rewrite one source packet for this subscriber and send it: synchronously when the nominated ICE pair
+        allows (see :func:`adapter.direct_rtp_sender`), else by returning the asynchronous send to await.
+        Nothing is sent before negotiation completes, while waiting for a keyframe, or once closed.
         """
         if self.closed:
             return None
@@ -157,65 +156,46 @@ class Consumer:
                 return None
             self._bind()
         if self._waiting_keyframe:
-            if not keyframe:
+            if not meta.keyframe:
                 return None
-            self._start_at(packet, now)
+            self._start_at(packet, meta.now)
 
         seq = (packet.sequence_number + self._seq_offset) & 0xFFFF
         timestamp = (packet.timestamp + self._ts_offset) & 0xFFFFFFFF
-        data = self._writer.write(packet, seq, timestamp, abs_send_time)
+        data = self._writer.write(packet, seq, timestamp, meta.abs_send_time)
         self._cache[seq % NACK_CACHE_SIZE] = (seq, data)
         if uint16_gt(seq, (self._next_seq - 1) & 0xFFFF):
             self._next_seq = (seq + 1) & 0xFFFF
             self._last_ts = timestamp
-            self._last_send_time = now
-        self._pending_payload = len(packet.payload)
-        return data
+            self._last_send_time = meta.now
+        payload_size = len(packet.payload)
 
-    def transmit_now(self, data: bytes, ntp_time: int) -> bool | None:
-        """
-        Send prepared bytes synchronously (see :func:`adapter.direct_rtp_sender`). Returns whether they were
-        sent, or ``None`` when only the asynchronous path can send them (e.g. a TURN-relayed pair).
-        """
         send = self._direct
         if send is None:
             send = self._direct = adapter.direct_rtp_sender(self._sender)
-            if send is None:
-                return None
+        if send is None:  # no synchronous path to this subscriber (e.g. a TURN-relayed pair)
+            return self._transmit(data, payload_size, meta.ntp)
         try:
             send(data)
         except ConnectionError:
             self._direct = None
-            return False
-        self._count_sent(ntp_time)
-        return True
+            return None
+        self._count_sent(payload_size, meta.ntp)
+        return None
 
-    async def transmit(self, data: bytes, ntp_time: int) -> bool:
+    async def _transmit(self, data: bytes, payload_size: int, ntp_time: int) -> bool:
         """Send prepared bytes through aiortc's transport (works for every candidate pair)."""
         try:
             await adapter.send_rtp(self._sender, data)
         except ConnectionError:
             return False
-        self._count_sent(ntp_time)
+        self._count_sent(payload_size, ntp_time)
         return True
 
-    def _count_sent(self, ntp_time: int) -> None:
-        adapter.sender_count_sent(self._sender, self._pending_payload, self._last_ts, ntp_time)
+    def _count_sent(self, payload_size: int, ntp_time: int) -> None:
+        adapter.sender_count_sent(self._sender, payload_size, self._last_ts, ntp_time)
         self.stats.packets += 1
-        self.stats.bytes += self._pending_payload
-
-    async def send(self, packet: RtpPacket, keyframe: bool, abs_send_time: int) -> bool:
-        """Forward one packet (prepare, then transmit by whichever path works); returns whether it was sent.
-        Producers use :meth:`prepare` and :meth:`transmit_now` directly to share per-packet work."""
-        now = clock.current_ms() / 1000
-        data = self.prepare(packet, keyframe, abs_send_time.to_bytes(3, "big"), now)
-        if data is None:
-            return False
-        ntp = clock.current_ntp_time()
-        sent = self.transmit_now(data, ntp)
-        if sent is None:
-            sent = await self.transmit(data, ntp)
-        return sent
+        self.stats.bytes += payload_size
 
     def _start_at(self, packet: RtpPacket, now: float) -> None:
         """Fix offsets so ``packet`` follows the last packet sent, in sequence and in time."""
@@ -239,7 +219,7 @@ class Consumer:
                 self.stats.plis += 1
             else:
                 self.stats.firs += 1
-            self.producer.request_keyframe()
+            self.source.request_keyframe()
         elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
             self.stats.nacks += 1
             for seq in packet.lost:
@@ -259,15 +239,21 @@ class Consumer:
             # Receiver reports: aiortc keeps round-trip time and remote-inbound stats.
             await self._original_rtcp(packet)
 
+    # --- closing ---------------------------------------------------------------------------------------
+
     def close(self) -> None:
-        """Stop forwarding and detach from the producer; ``on_close`` lets the subscribing Peer renegotiate.
-        Idempotent."""
+        """Stop forwarding and detach from the source (the owning transport closes it). Idempotent."""
         if self.closed:
             return
         self.closed = True
-        self.producer.remove_consumer(self)
+        self.source.detach(self)
         self._cache = []
         adapter.unhook_sender_rtcp(self._sender)
         stats.retire(self.stats, stats.CONSUMER_COUNTERS)
-        if self._on_close is not None:
-            self._on_close(self)
+
+    def source_closed(self) -> None:
+        """The source ended: close, and tell the owning transport so it retires the m-section."""
+        if self.closed:
+            return
+        self.close()
+        self._on_source_closed(self)

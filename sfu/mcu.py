@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, fields
-from typing import Any, cast
+from typing import Any
 
-from . import aiortc_adapter as adapter
 from .logs import PeerLogger
 from .mixer import AudioMixer, VideoCompositor
-from .peer import Peer, vars_of
+from .observer import RouterObserver
+from .peer import Peer
 from .producer import Producer
-from .router import Router, RouterObserver
+from .router import Router, track_info
+from .stats import snapshot
 
 #: Room modes: ``sfu`` forwards every track to everyone; ``mcu`` mixes on the server.
 MODES = ("sfu", "mcu")
@@ -82,46 +83,40 @@ class McuRouter(Router):
         self._join_order: dict[str, int] = {}
         self._sequence = itertools.count()
 
-    def __repr__(self) -> str:
-        return f"McuRouter(id={self.id}, peers={len(self.peers)})"
-
     def _peer_joined(self, peer: Peer) -> None:
         """A new peer gets its own audio mix and the shared composite (unless it does not subscribe)."""
         self._join_order[peer.id] = next(self._sequence)
         self._audio.start()
         self._video.start()
         if peer.subscribe:
-            # Mixed streams quack like producers: Peer.consume and Consumer use only id, peer_id, kind, codec,
-            # add_consumer/remove_consumer and request_keyframe.
-            peer.consume(cast(Producer, self._audio.add_output(peer.id)))
-            peer.consume(cast(Producer, self._video))
+            # Mixes are sources like any published track.
+            peer.consume(self._audio.add_output(peer.id))
+            peer.consume(self._video)
 
-    def _producer_added(self, peer: Peer, producer: Producer) -> None:
+    def source_added(self, peer: Peer, producer: Producer) -> None:
         # Called before aiortc starts the receiver, so undoing the SFU's "no decoding" still takes effect.
-        receiver = producer._receiver  # the Producer owns it; the mixer reads its track
-        adapter.enable_decoding(receiver)
-        producer.on_close(lambda p: self._producer_closed(peer, p))
+        track = producer.decoded_track()
         if producer.kind == "audio":
-            self._audio.add_source(producer, receiver.track)
+            self._audio.add_source(producer, track)
         else:
-            self._video.add_source(producer, receiver.track, (self._join_order[peer.id], next(self._sequence)))
+            self._video.add_source(producer, track, (self._join_order[peer.id], next(self._sequence)))
         self._log.info("mcu source added", peer=peer.id, producer=producer.id, kind=producer.kind)
-        self._observer.producer_added(peer, producer)
+        self._observer.source_added(track_info(producer))
 
-    def _producer_closed(self, peer: Peer, producer: Producer) -> None:
+    def source_closed(self, peer: Peer, producer: Producer) -> None:
         if producer.kind == "audio":
             self._audio.remove_source(producer.id)
         else:
             self._video.remove_source(producer.id)
-        self._observer.producer_closed(peer, producer)
+        super().source_closed(peer, producer)
 
-    async def remove_peer(self, peer_id: str) -> Peer | None:
-        """Close and remove a participant: it leaves the mix and the grid. Returns it, if it was here."""
-        peer = await super().remove_peer(peer_id)
-        if peer is not None:
+    async def remove_peer(self, peer_id: str) -> bool:
+        """Close and remove a participant: it leaves the mix and the grid. Whether it was here."""
+        removed = await super().remove_peer(peer_id)
+        if removed:
             self._audio.remove_output(peer_id)
             self._join_order.pop(peer_id, None)
-        return peer
+        return removed
 
     async def close(self) -> None:
         """Close every peer and stop mixing. Idempotent."""
@@ -129,23 +124,26 @@ class McuRouter(Router):
             return
         await super().close()
         await self._audio.close()
-        await self._video.close()
+        await self._video.aclose()
 
     def describe(self) -> dict[str, Any]:
-        """Settings and mixer counters, for the admin API: the video is encoded once per composite frame
-        (``video.frames``), whatever the number of subscribers (``video.subscribers``)."""
+        """Participants, settings and mixer counters, for the admin API: the video is encoded once per composite
+        frame (``mcu.video.frames``), whatever the number of subscribers (``mcu.video.subscribers``)."""
+        return {**super().describe(), "mcu": self._describe_mixers()}
+
+    def _describe_mixers(self) -> dict[str, Any]:
         video = self._video
         return {
             **asdict(self.options),
             "video": {
-                **vars_of(video.stats),
+                **snapshot(video.stats),
                 "ticks": video.ticks,
                 "skipped_ticks": video.skipped_ticks,
                 "sources": len(video.sources),
-                "subscribers": len(video.consumers),
+                "subscribers": video.sink_count,
             },
             "audio": {
-                **vars_of(self._audio.stats),
+                **snapshot(self._audio.stats),
                 "sources": len(self._audio.sources),
                 "outputs": len(self._audio.outputs),
                 "underruns": sum(s.underruns for s in self._audio.sources.values()),

@@ -6,10 +6,9 @@ Server-side mixing for MCU rooms: decoded publisher frames in, streams encoded b
 * :class:`VideoCompositor` — at a fixed frame rate it scales the latest frame of each publisher into a grid
   and encodes the composite **once** (VP8); the same RTP packets go to every subscriber.
 
-Both outputs are :class:`MixedStream` objects, which look like a :class:`~sfu.producer.Producer` to a
-:class:`~sfu.consumer.Consumer` (``id``, ``peer_id``, ``kind``, ``codec``, ``add_consumer``,
-``remove_consumer``, ``request_keyframe``). So each subscriber connection reuses the SFU's consumer machinery:
-SSRC/sequence/timestamp rewriting, the NACK cache, PLI/FIR handling and honest sender reports.
+Both outputs are :class:`MixedStream` objects: :class:`~.source.Source` objects like a published track, so each
+subscriber connection reuses the SFU's consumer machinery: SSRC/sequence/timestamp rewriting, the NACK cache,
+PLI/FIR handling and honest sender reports.
 
 Decoding, mixing and encoding run in the event loop's default executor (a worker thread), one step at a time
 per mixer, so the event loop keeps forwarding while the codecs work.
@@ -24,23 +23,21 @@ import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, clock
-from aiortc.codecs.opus import OpusEncoder
+from aiortc import MediaStreamTrack
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
+from . import aiortc_adapter as adapter
 from .logs import PeerLogger
 from .rtp import vp8_is_keyframe_start
-
-if TYPE_CHECKING:
-    from .consumer import Consumer
-    from .producer import Producer
+from .source import Source
+from .tasks import Tasks
 
 logger = logging.getLogger("chorus.sfu.mixer")
 
@@ -93,7 +90,7 @@ class StreamStats:
         self.bytes = 0
 
 
-class MixedStream:
+class MixedStream(Source):
     """
     A stream encoded by the server, sent to its subscribers through Consumers like a forwarded Producer.
 
@@ -101,32 +98,16 @@ class MixedStream:
     for its own connection, and holds video back until a keyframe start.
     """
 
-    paused = False
-
     def __init__(self, stream_id: str, kind: str, codec: RTCRtpCodecParameters) -> None:
-        self.id = stream_id
-        self.peer_id = MCU_PEER_ID
-        self.kind = kind
-        self.codec = codec
-        self.closed = False
-        self.consumers: dict[str, Consumer] = {}
+        super().__init__(stream_id, MCU_PEER_ID, kind, codec)
         self.stats = StreamStats()
         self._seq = random.randint(0, 0xFFFF)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(id={self.id}, consumers={len(self.consumers)})"
-
-    def add_consumer(self, consumer: Consumer) -> None:
-        self.consumers[consumer.id] = consumer
-
-    def remove_consumer(self, consumer: Consumer) -> None:
-        self.consumers.pop(consumer.id, None)
-
-    def request_keyframe(self) -> None:
-        """A subscriber needs a decodable picture (no-op for audio)."""
+        return f"{type(self).__name__}(id={self.id}, subscribers={self.sink_count})"
 
     async def send(self, payloads: list[bytes], timestamp: int, keyframe: bool) -> None:
-        """Packetize one encoded frame (``payloads``: RTP payloads in order) and send it to every consumer."""
+        """Packetize one encoded frame (``payloads``: RTP payloads in order) and send it to every subscriber."""
         if not payloads:
             return
         last = len(payloads) - 1
@@ -144,14 +125,9 @@ class MixedStream:
         self.stats.keyframes += int(keyframe and self.kind == "video")
         self.stats.packets += len(packets)
         self.stats.bytes += sum(len(p) for p in payloads)
-        abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
-        for consumer in list(self.consumers.values()):
-            for i, packet in enumerate(packets):
-                # Only the first packet of a keyframe starts a decodable picture.
-                await consumer.send(packet, keyframe and i == 0, abs_send_time)
-
-    def close(self) -> None:
-        self.closed = True
+        for i, packet in enumerate(packets):
+            # Only the first packet of a keyframe starts a decodable picture.
+            await self.forward(packet, keyframe and i == 0)
 
 
 class _Clock:
@@ -179,13 +155,6 @@ class _Clock:
                 await tick(n)
             except Exception:  # one bad tick must not stop the room's media
                 logger.error("mixer tick failed", exc_info=True)
-
-
-async def _cancel(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    tasks = list(tasks)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # --- audio ---------------------------------------------------------------------------------------------------
@@ -224,28 +193,28 @@ def mix_minus_one(contributions: dict[str, np.ndarray], listeners: Iterable[str]
 
 
 class SourceReaders(Generic[S]):
-    """The sources of a mixer by producer id, each drained by its own reader task."""
+    """The sources of a mixer by source id, each drained by its own reader task."""
 
     def __init__(self, kind: str) -> None:
         self.sources: dict[str, S] = {}
         self._kind = kind
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks = Tasks(f"mcu {kind} sources")
+        self._readers: dict[str, asyncio.Task[None]] = {}
 
-    def add(self, producer_id: str, source: S) -> None:
-        self.sources[producer_id] = source
-        self._tasks[producer_id] = asyncio.create_task(source.run(), name=f"mcu {self._kind} source {producer_id}")
+    def add(self, source_id: str, source: S) -> None:
+        self.sources[source_id] = source
+        self._readers[source_id] = self._tasks.spawn(source.run(), name=f"mcu {self._kind} source {source_id}")
 
-    def remove(self, producer_id: str) -> None:
-        self.sources.pop(producer_id, None)
-        task = self._tasks.pop(producer_id, None)
+    def remove(self, source_id: str) -> None:
+        self.sources.pop(source_id, None)
+        task = self._readers.pop(source_id, None)
         if task is not None:
             task.cancel()
 
-    def take_tasks(self) -> list[asyncio.Task[None]]:
-        """Every reader task, forgotten here (the caller cancels them)."""
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        return tasks
+    async def close(self) -> None:
+        """Stop every reader and wait for them."""
+        self._readers.clear()
+        await self._tasks.close()
 
 
 class AudioSource:
@@ -256,7 +225,7 @@ class AudioSource:
     grows past :data:`JITTER_MAX`.
     """
 
-    def __init__(self, producer: Producer, track: MediaStreamTrack) -> None:
+    def __init__(self, producer: Source, track: MediaStreamTrack) -> None:
         self.producer = producer
         self.track = track
         self.underruns = 0
@@ -314,8 +283,7 @@ class AudioOutput(MixedStream):
     def __init__(self, listener: str) -> None:
         super().__init__("mcu-audio", "audio", OPUS)
         self.listener = listener
-        self.encoder = OpusEncoder()
-        self.encoder.codec.bit_rate = AUDIO_BITRATE
+        self.encoder = adapter.opus_encoder(AUDIO_BITRATE)
 
     def encode(self, samples: np.ndarray, pts: int) -> list[bytes]:
         """Encode 20 ms of mono int16 (sent as two equal channels, so levels are kept)."""
@@ -352,9 +320,9 @@ class AudioMixer:
         self.stats = AudioMixerStats()
         self._log = log
         self._clock = _Clock(PTIME)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks("mcu audio clock")
 
-    def add_source(self, producer: Producer, track: MediaStreamTrack) -> None:
+    def add_source(self, producer: Source, track: MediaStreamTrack) -> None:
         self._readers.add(producer.id, AudioSource(producer, track))
 
     def remove_source(self, producer_id: str) -> None:
@@ -371,13 +339,12 @@ class AudioMixer:
             output.close()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._clock.run(self._tick), name="mcu audio clock")
+        if not len(self._tasks) and not self._tasks.closed:
+            self._tasks.spawn(self._clock.run(self._tick), name="mcu audio clock")
 
     async def close(self) -> None:
-        tasks = self._readers.take_tasks() + ([self._task] if self._task else [])
-        self._task = None
-        await _cancel(tasks)
+        await self._tasks.close()
+        await self._readers.close()
         for output in self.outputs.values():
             output.close()
 
@@ -390,7 +357,7 @@ class AudioMixer:
             if chunk is not None:
                 own = contributions.setdefault(source.producer.peer_id, np.zeros(FRAME_SAMPLES, np.int32))
                 own += chunk
-        outputs = [o for o in self.outputs.values() if o.consumers]
+        outputs = [o for o in self.outputs.values() if o.sink_count]
         if not outputs:
             return
         pts = n * FRAME_SAMPLES
@@ -484,7 +451,7 @@ class Canvas:
 class VideoSource:
     """One publisher's decoded video: a reader task keeps only the latest frame."""
 
-    def __init__(self, producer: Producer, track: MediaStreamTrack, order: tuple[int, int]) -> None:
+    def __init__(self, producer: Source, track: MediaStreamTrack, order: tuple[int, int]) -> None:
         self.producer = producer
         self.track = track
         #: Tiles are sorted by this: (the peer's join sequence, the producer's sequence).
@@ -533,7 +500,7 @@ class VideoCompositor(MixedStream):
         self.ticks = 0
         self._log = log
         self._clock = _Clock(1 / fps)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks("mcu video clock")
         self._start = 0.0
         # Used only inside _compose_and_encode, one call at a time, in the executor.
         self._encoder = Vp8Encoder()
@@ -544,7 +511,7 @@ class VideoCompositor(MixedStream):
         self._last_encode = -math.inf
         self._last_signature: tuple[Any, ...] | None = None
 
-    def add_source(self, producer: Producer, track: MediaStreamTrack, order: tuple[int, int]) -> None:
+    def add_source(self, producer: Source, track: MediaStreamTrack, order: tuple[int, int]) -> None:
         self._readers.add(producer.id, VideoSource(producer, track, order))
 
     def remove_source(self, producer_id: str) -> None:
@@ -554,15 +521,15 @@ class VideoCompositor(MixedStream):
         self._keyframe_wanted = True
 
     def start(self) -> None:
-        if self._task is None:
+        if not len(self._tasks) and not self._tasks.closed:
             self._start = asyncio.get_running_loop().time()
-            self._task = asyncio.create_task(self._clock.run(self._tick), name="mcu video clock")
+            self._tasks.spawn(self._clock.run(self._tick), name="mcu video clock")
 
-    async def close(self) -> None:  # type: ignore[override]
-        super().close()
-        tasks = self._readers.take_tasks() + ([self._task] if self._task else [])
-        self._task = None
-        await _cancel(tasks)
+    async def aclose(self) -> None:
+        """Close the stream (subscribers' consumers end) and stop the clock and every source reader."""
+        self.close()
+        await self._tasks.close()
+        await self._readers.close()
 
     @property
     def skipped_ticks(self) -> int:
@@ -570,7 +537,7 @@ class VideoCompositor(MixedStream):
 
     async def _tick(self, n: int) -> None:
         self.ticks += 1
-        if not self.consumers:
+        if not self.sink_count:
             return
         now = asyncio.get_running_loop().time()
         sources = sorted(self.sources.values(), key=lambda s: s.order)

@@ -7,6 +7,7 @@ metrics' sake.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 #: Process counter → the producer statistic it sums.
@@ -26,10 +27,19 @@ def retire(stats: Any, counters: dict[str, str]) -> None:
         TOTALS[total] += getattr(stats, field)
 
 
-def total(name: str, producers: list[Any], consumers: list[Any]) -> int:
-    """Process counter ``name``: closed objects plus the live ``producers``/``consumers`` given."""
-    if name in PRODUCER_COUNTERS:
-        live = sum(getattr(p.stats, PRODUCER_COUNTERS[name]) for p in producers)
-    else:
-        live = sum(getattr(c.stats, CONSUMER_COUNTERS[name]) for c in consumers)
-    return TOTALS[name] + live
+def live(producers: Iterable[Any], consumers: Iterable[Any]) -> Counter[str]:
+    """The process counters summed over live ``producers`` and ``consumers``."""
+    totals: Counter[str] = Counter()
+    for producer in producers:
+        for total, field in PRODUCER_COUNTERS.items():
+            totals[total] += getattr(producer.stats, field)
+    for consumer in consumers:
+        for total, field in CONSUMER_COUNTERS.items():
+            totals[total] += getattr(consumer.stats, field)
+    return totals
+
+
+def snapshot(counters: Any) -> dict[str, Any]:
+    """A stats object's ``__slots__`` fields as a dict (for the admin API)."""
+    return {name: getattr(counters, name) for name in counters.__slots__}
+

@@ -51,7 +51,8 @@ class Tasks:
         if self.closed:
             coro.close()
             raise RuntimeError(f"{self.name} is closed: no new background work")
-        task = asyncio.get_running_loop().create_task(coro, name=name or f"{self.name}: {coro.__qualname__}")
+        name = name or f"{self.name}: {getattr(coro, '__qualname__', 'task')}"
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task

@@ -30,11 +30,12 @@ def error(code: str, reason: str) -> web.Response:
 
 
 def local_rooms(registry: RoomRegistry) -> list[dict[str, Any]]:
-    return [
-        {"id": r.id, "mode": r.mode, "participants": len(r.router.peers),
-         "tracks": sum(1 for _ in r.router.producers())}
-        for r in registry.rooms.values()
-    ]
+    rooms = []
+    for room in registry.rooms.values():
+        counts = room.router.counts()
+        rooms.append({"id": room.id, "mode": room.mode, "participants": counts.peers,
+                      "tracks": sum(counts.producers.values())})
+    return rooms
 
 
 async def forward(request: web.Request, base_url: str) -> web.Response:

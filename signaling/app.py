@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator
@@ -12,8 +11,8 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from chorus.sfu import aiortc_adapter
-from chorus.sfu.mcu import McuOptions
+from chorus.sfu import McuOptions, aiortc_adapter
+from chorus.sfu.tasks import Tasks
 from chorus.turn import credentials as turn_credentials
 
 from . import auth
@@ -22,7 +21,7 @@ from .cluster import Cluster
 from .config import Settings
 from .limits import RateLimiter
 from .metrics import Metrics
-from .room import RoomRegistry
+from .room import Room, RoomRegistry
 from .session import Session
 from .webhooks import WebhookSender
 
@@ -161,29 +160,27 @@ async def cluster_membership(app: web.Application) -> AsyncIterator[None]:
     if cluster is None:
         yield
         return
-    releases: set[asyncio.Task[None]] = set()
+    tasks = Tasks("cluster membership")
+    releases = Tasks("cluster room releases")
 
-    def release(room: Any) -> None:
-        task = asyncio.ensure_future(cluster.release(room.id))
-        releases.add(task)
-        task.add_done_callback(releases.discard)
+    def release(room: Room) -> None:
+        releases.spawn(cluster.release(room.id), name=f"release room {room.id}")
 
     app[REGISTRY].on_room_closed.append(release)
-    heartbeat = asyncio.create_task(cluster.run(), name="cluster heartbeat")
+    tasks.spawn(cluster.run(), name="cluster heartbeat")
     yield
-    heartbeat.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await heartbeat
-    await asyncio.gather(*releases, return_exceptions=True)
+    await tasks.close()
+    while len(releases):  # let every placement release finish (they are short)
+        await asyncio.sleep(0.01)
+    await releases.close()
     await cluster.close()
 
 
 async def webhook_delivery(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[WEBHOOKS].run(), name="webhooks")
+    tasks = Tasks("webhooks")
+    tasks.spawn(app[WEBHOOKS].run(), name="webhooks")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await tasks.close()
 
 
 async def close_websockets(app: web.Application) -> None:

@@ -39,6 +39,7 @@ from aiortc import (
 )
 
 from chorus.sfu import aiortc_adapter
+from chorus.sfu.tasks import Tasks
 
 logger = logging.getLogger("chorus.client")
 
@@ -89,7 +90,7 @@ class ChorusClient:
         self.nodes: list[str] = []
         self._join_args: dict[str, Any] | None = None
         self._closing = False
-        self._reconnect_task: asyncio.Task[None] | None = None
+        self._tasks = Tasks("chorus client")
         self.peer_id: str | None = None
         self.room: str | None = None
         self.joined: dict[str, Any] = {}
@@ -116,7 +117,7 @@ class ChorusClient:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         self._ws = await self._session.ws_connect(self.url, heartbeat=15.0)
-        self._reader = asyncio.create_task(self._read(self._ws), name="chorus client reader")
+        self._reader = self._tasks.spawn(self._read(self._ws), name="chorus client reader")
 
     async def _disconnect(self) -> None:
         """Drop the websocket and both peer connections (the session object stays usable)."""
@@ -139,15 +140,7 @@ class ChorusClient:
     async def close(self) -> None:
         """Close both peer connections and the websocket (no ``leave``: the server notices the close)."""
         self._closing = True
-        if self._reconnect_task is not None:
-            self._reconnect_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reconnect_task
-        for task in (self._offer_task, self._reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await self._tasks.close()
         for pc in (self.publish_pc, self.subscribe_pc):
             if pc is not None:
                 await pc.close()
@@ -189,7 +182,7 @@ class ChorusClient:
             if not future.done():
                 future.set_exception(ConnectionError("websocket closed"))
         if ws is self._ws and self.reconnect and self._join_args is not None and not self._closing:
-            self._reconnect_task = asyncio.ensure_future(self._reconnect())
+            self._tasks.spawn(self._reconnect(), name="chorus client reconnect")
 
     async def _reconnect(self) -> None:
         """Join again after the websocket dropped: this node first, then the others, with backoff."""
@@ -223,23 +216,30 @@ class ChorusClient:
 
     def expect_event(
         self, method: str, predicate: Callable[[dict[str, Any]], bool] = lambda d: True, *, timeout: float = 10.0
-    ) -> asyncio.Task[dict[str, Any]]:
+    ) -> asyncio.Future[dict[str, Any]]:
         """
         Start waiting, now, for the next notification ``method`` whose data satisfies ``predicate``; await
-        the returned task after doing what should cause it (so an early notification is not missed).
+        the returned future after doing what should cause it (so an early notification is not missed). It fails
+        with ``TimeoutError`` after ``timeout`` seconds.
         """
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
         waiter = (method, predicate, future)
         self._event_waiters.append(waiter)
 
-        async def wait() -> dict[str, Any]:
-            try:
-                return await asyncio.wait_for(future, timeout)
-            finally:
-                if waiter in self._event_waiters:
-                    self._event_waiters.remove(waiter)
+        def expire() -> None:
+            if not future.done():
+                future.set_exception(TimeoutError(f"no {method!r} notification within {timeout} s"))
 
-        return asyncio.ensure_future(wait())
+        timer = loop.call_later(timeout, expire)
+
+        def forget(_: asyncio.Future[dict[str, Any]]) -> None:
+            timer.cancel()
+            if waiter in self._event_waiters:
+                self._event_waiters.remove(waiter)
+
+        future.add_done_callback(forget)
+        return future
 
     async def wait_for_event(
         self, method: str, predicate: Callable[[dict[str, Any]], bool] = lambda d: True, *, timeout: float = 10.0
@@ -297,7 +297,7 @@ class ChorusClient:
         self.peer_id = self.joined["peer_id"]
         self.room = room
         self._ice_servers = self.joined.get("ice_servers", [])
-        self._offer_task = asyncio.create_task(self._answer_offers(), name="chorus client offers")
+        self._offer_task = self._tasks.spawn(self._answer_offers(), name="chorus client offers")
         return self.joined
 
     def on_track(self, callback: TrackCallback) -> TrackCallback:

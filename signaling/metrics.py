@@ -33,23 +33,24 @@ class MediaCollector(Collector):
         self._registry = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        rooms = list(self._registry.rooms.values())
-        peers = [p for r in rooms for p in r.router.peers.values()]
-        producers = [pr for p in peers for pr in p.producers.values()]
-        consumers = [c for p in peers for c in p.consumers.values()]
-        yield GaugeMetricFamily("chorus_rooms", "Rooms open", value=len(rooms))
-        yield GaugeMetricFamily("chorus_peers", "Participants connected", value=len(peers))
+        routers = [r.router for r in self._registry.rooms.values()]
+        counts = [router.counts() for router in routers]
+        yield GaugeMetricFamily("chorus_rooms", "Rooms open", value=len(routers))
+        yield GaugeMetricFamily("chorus_peers", "Participants connected", value=sum(c.peers for c in counts))
         gauge = GaugeMetricFamily("chorus_producers", "Published tracks", labels=["kind"])
         for kind in ("audio", "video"):
-            gauge.add_metric([kind], sum(1 for p in producers if p.kind == kind))
+            gauge.add_metric([kind], sum(c.producers[kind] for c in counts))
         yield gauge
         gauge = GaugeMetricFamily("chorus_consumers", "Forwarded tracks (one per subscriber)", labels=["kind"])
         for kind in ("audio", "video"):
-            gauge.add_metric([kind], sum(1 for c in consumers if c.kind == kind))
+            gauge.add_metric([kind], sum(c.consumers[kind] for c in counts))
         yield gauge
 
+        totals = stats.TOTALS.copy()
+        for router in routers:
+            totals.update(router.live_totals())
         for name, doc, counter in COUNTERS:
-            yield CounterMetricFamily(name, doc, value=stats.total(counter, producers, consumers))
+            yield CounterMetricFamily(name, doc, value=totals[counter])
 
 
 class Metrics:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 from pathlib import Path
 from typing import Any
 
-from aiortc import RTCPeerConnection
-
-from chorus.sfu import Consumer, Peer, Producer
+from chorus.sfu import census
 
 
 def _socket_inodes() -> set[str]:
@@ -38,17 +35,7 @@ def _udp_sockets(inodes: set[str]) -> int:
 
 def snapshot() -> dict[str, Any]:
     """Counts of live media objects (after a full garbage collection), tasks, fds, UDP sockets and RSS."""
-    gc.collect()
-    counts = {"peer_connections": 0, "peers": 0, "producers": 0, "consumers": 0}
-    for obj in gc.get_objects():
-        if isinstance(obj, RTCPeerConnection):
-            counts["peer_connections"] += 1
-        elif isinstance(obj, Peer):
-            counts["peers"] += 1
-        elif isinstance(obj, Producer):
-            counts["producers"] += 1
-        elif isinstance(obj, Consumer):
-            counts["consumers"] += 1
+    counts = census.live_objects()
     inodes = _socket_inodes()
     rss_pages = int(Path("/proc/self/statm").read_text().split()[1])
     return {

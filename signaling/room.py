@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from chorus.sfu import InvalidStateError, LimitError, NotFoundError, Peer, Producer, Router
+from chorus.sfu import (
+    InvalidStateError,
+    LimitError,
+    McuOptions,
+    McuRouter,
+    NotFoundError,
+    Peer,
+    Router,
+    SubscribeOffer,
+    TrackInfo,
+)
 from chorus.sfu.logs import PeerLogger
-from chorus.sfu.mcu import McuOptions, McuRouter
-
-if TYPE_CHECKING:
-    from .session import Session
+from chorus.sfu.tasks import Tasks
 
 logger = logging.getLogger("chorus.room")
 
@@ -21,11 +27,21 @@ logger = logging.getLogger("chorus.room")
 Emit = Callable[[str, dict[str, Any]], None]
 
 
+class Member(Protocol):
+    """What a room needs of a participant's signaling session."""
+
+    def notify(self, method: str, data: dict[str, Any]) -> None:
+        """Queue a notification for the client (never blocks)."""
+
+    def removed(self, reason: str) -> None:
+        """The server took the participant out of the room (kicked, failed, room closed)."""
+
+
 class Room:
     """
-    One room: a Router plus the session of each of its peers.
+    One room: a Router plus the signaling session (:class:`Member`) of each of its peers.
 
-    It implements :class:`sfu.RouterObserver`: media-plane events become notifications to the other
+    It is the router's :class:`~chorus.sfu.RouterObserver`: media-plane events become notifications to the
     participants. When the last peer leaves, the room closes and ``on_empty`` removes it from the registry.
     """
 
@@ -44,11 +60,13 @@ class Room:
             if mode == "mcu"
             else Router(room_id, self, log=router_log)
         )
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Member] = {}
+        #: peer id → display name
+        self.names: dict[str, str] = {}
         self.closed = False
         self._on_empty = on_empty
         self._emit = emit
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks(f"room {room_id}")
 
     def broadcast(self, method: str, data: dict[str, Any], *, exclude: str | None = None) -> None:
         for peer_id, session in list(self.sessions.items()):
@@ -56,21 +74,11 @@ class Room:
                 session.notify(method, data)
 
     def describe(self) -> dict[str, Any]:
-        described: dict[str, Any] = {
-            "id": self.id, "mode": self.mode, "participants": [p.describe() for p in self.router.peers.values()]
-        }
-        if isinstance(self.router, McuRouter):
-            described["mcu"] = self.router.describe()
-        return described
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return {"id": self.id, "mode": self.mode, **self.router.describe()}
 
     # --- membership ------------------------------------------------------------------------------------
 
-    async def join(self, session: Session, peer_id: str, name: str, *, identity: str | None = None,
+    async def join(self, session: Member, peer_id: str, name: str, *, identity: str | None = None,
                    subscribe: bool = True) -> Peer:
         """
         Add a participant for ``session``; the others get ``peer_joined``. A participant already here with
@@ -83,8 +91,9 @@ class Room:
             await self.remove(stale, "replaced")
         if len(self.sessions) >= self.max_peers:
             raise LimitError(f"room {self.id!r} is full ({self.max_peers} participants)")
-        peer = self.router.create_peer(peer_id, name, send_offer=self._send_offer, subscribe=subscribe)
+        peer = self.router.create_peer(peer_id, name, subscribe=subscribe)
         self.sessions[peer_id] = session
+        self.names[peer_id] = name
         if identity:
             self.identities[identity] = peer_id
         self.broadcast("peer_joined", {"peer": peer.describe()}, exclude=peer_id)
@@ -100,11 +109,12 @@ class Room:
         for identity, holder in list(self.identities.items()):
             if holder == peer_id:
                 del self.identities[identity]
-        peer = await self.router.remove_peer(peer_id)
+        await self.router.remove_peer(peer_id)
+        name = self.names.pop(peer_id, None)
         self.broadcast("peer_left", {"peer_id": peer_id, "reason": reason})
         self.log.info("peer left", peer=peer_id, reason=reason, peers=len(self.sessions))
-        self._emit("participant_left", {"room": self.id, "reason": reason,
-                                        "participant": {"id": peer_id, "name": peer.name if peer else None}})
+        self._emit("participant_left",
+                   {"room": self.id, "reason": reason, "participant": {"id": peer_id, "name": name}})
         if not self.sessions:
             await self.close("empty")
 
@@ -117,10 +127,9 @@ class Room:
         await self.leave(peer_id, reason)
 
     def spawn_close(self, reason: str) -> None:
-        """Close the room from synchronous code (the task belongs to the room's event loop)."""
-        task = asyncio.ensure_future(self.close(reason))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Close the room from synchronous code (the task belongs to the room)."""
+        if not self._tasks.closed:
+            self._tasks.spawn(self.close(reason), name=f"close room {self.id}")
 
     async def close(self, reason: str = "closed") -> None:
         """Close the room: every participant gets ``left``, the router closes. Idempotent."""
@@ -129,50 +138,46 @@ class Room:
         self.closed = True
         for peer_id, session in list(self.sessions.items()):
             session.removed(reason)
-            peer = self.router.peers.get(peer_id)
             self._emit("participant_left", {"room": self.id, "reason": reason,
-                                            "participant": {"id": peer_id, "name": peer.name if peer else None}})
+                                            "participant": {"id": peer_id, "name": self.names.get(peer_id)}})
         self.sessions.clear()
+        self.names.clear()
         await self.router.close()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
+        await self._tasks.close()
         self._on_empty(self)
 
     def set_muted(self, track_id: str, muted: bool) -> dict[str, Any]:
         """Pause or resume a track (admin); everyone, its owner included, gets ``track_muted``."""
-        found = self.router.find_producer(track_id)
-        if found is None:
-            raise NotFoundError(f"no track {track_id!r} in room {self.id!r}")
-        peer, producer = found
-        peer.set_muted(producer.id, muted)
-        data = {"peer_id": peer.id, "track_id": producer.id, "muted": muted}
+        track = self.router.set_muted(track_id, muted)
+        data = {"peer_id": track.peer_id, "track_id": track.id, "muted": muted}
         self.broadcast("track_muted", data)
         return data
 
     # --- RouterObserver --------------------------------------------------------------------------------
 
-    def producer_added(self, peer: Peer, producer: Producer) -> None:
-        track = {"id": producer.id, "kind": producer.kind, "muted": producer.paused}
-        self.broadcast("track_published", {"peer_id": peer.id, "track": track}, exclude=peer.id)
-        self._emit("track_published", {"room": self.id, "participant": {"id": peer.id, "name": peer.name},
-                                       "track": {**track, "codec": producer.codec.mimeType}})
+    def source_added(self, track: TrackInfo) -> None:
+        self.broadcast("track_published", {"peer_id": track.peer_id, "track": track.public()}, exclude=track.peer_id)
+        self._emit("track_published", {"room": self.id,
+                                       "participant": {"id": track.peer_id, "name": self.names.get(track.peer_id)},
+                                       "track": {**track.public(), "codec": track.codec}})
 
-    def producer_closed(self, peer: Peer, producer: Producer) -> None:
-        self.broadcast("track_unpublished", {"peer_id": peer.id, "track_id": producer.id}, exclude=peer.id)
+    def source_removed(self, track: TrackInfo) -> None:
+        self.broadcast("track_unpublished", {"peer_id": track.peer_id, "track_id": track.id}, exclude=track.peer_id)
 
-    def peer_failed(self, peer: Peer, reason: str) -> None:
+    def peer_failed(self, peer_id: str, reason: str) -> None:
         async def remove() -> None:
             # The peer may be gone by the time this runs (its websocket closed too): nothing to do then.
-            if peer.id in self.sessions:
-                await self.remove(peer.id, reason)
+            if peer_id in self.sessions:
+                await self.remove(peer_id, reason)
 
-        self._spawn(remove())
+        if not self._tasks.closed:
+            self._tasks.spawn(remove(), name=f"remove failed peer {peer_id}")
 
-    async def _send_offer(self, peer: Peer, sdp: str, consumers: list[dict[str, Any]], restart: bool) -> None:
-        session = self.sessions.get(peer.id)
+    def send_offer(self, peer_id: str, offer: SubscribeOffer) -> None:
+        session = self.sessions.get(peer_id)
         if session is not None:
-            session.notify("offer", {"type": "offer", "sdp": sdp, "consumers": consumers, "restart": restart})
+            session.notify("offer", {"type": "offer", "sdp": offer.sdp, "consumers": [t.public() for t in offer.tracks],
+                                     "restart": offer.restart})
 
 
 class RoomRegistry:

@@ -10,10 +10,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from chorus.sfu import ChorusError, Peer
+from chorus.sfu import MODES, ChorusError, McuOptions, Peer, new_id
 from chorus.sfu.logs import PeerLogger
-from chorus.sfu.mcu import MODES, McuOptions
-from chorus.sfu.peer import new_id
 
 from . import protocol
 from .auth import Grants, forbidden
@@ -191,7 +189,7 @@ class Session:
         room = self.registry.get_or_create(room_id, mode=mode, mcu=mcu)
         peer_id = new_id("p")
         peer = await room.join(self, peer_id, name, identity=identity, subscribe=grants.can_subscribe)
-        others = [p.describe() for p in room.router.peers.values() if p is not peer]
+        others = room.router.describe_peers(exclude=peer.id)
         self.log = self.log.bind(room=room_id, peer=peer_id)
         self.room = room
         self.grants = grants

@@ -1,0 +1,141 @@
+"""
+The source seam: anything that sinks subscribe to, and the one routine that fans its packets out.
+
+A :class:`Source` is a stream of RTP packets of one kind and codec: a published track (:class:`~.producer.Producer`),
+an MCU mix (:class:`~.mixer.MixedStream`), and next a simulcast layer set or an ingested RTMP/SRT/WHIP stream. A
+:class:`Sink` receives them: a :class:`~.consumer.Consumer` (one subscriber's copy), and next a recorder or an
+HTTP egress. Neither side knows the other's class, so a new kind of source or sink plugs in without casts.
+
+:meth:`Source.forward` does the per-packet work shared by all sinks once (the keyframe test, the clocks) and
+hands every sink the packet together with that shared :class:`PacketMeta`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiortc import clock
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import RtpPacket
+
+from .rtp import keyframe_detector
+
+
+class PacketMeta:
+    """What :meth:`Source.forward` works out once per packet for all its sinks."""
+
+    __slots__ = ("keyframe", "ntp", "abs_send_time", "now")
+
+    def __init__(self, keyframe: bool, ntp: int, abs_send_time: bytes, now: float) -> None:
+        #: The packet starts a decodable picture (always true for audio).
+        self.keyframe = keyframe
+        #: NTP time (64-bit fixed point) of forwarding, for sender reports.
+        self.ntp = ntp
+        #: The 3-byte abs-send-time header extension value (6.18 fixed-point seconds of ``ntp``).
+        self.abs_send_time = abs_send_time
+        #: Wall-clock seconds (``time.time()``).
+        self.now = now
+
+
+class Sink(Protocol):
+    """
+    Something that receives a source's packets: one subscriber's consumer, a recorder, an egress.
+
+    ``deliver`` is called for every packet, in order; it returns ``None`` when it is done with the packet, or an
+    awaitable that the source awaits before delivering the next packet (a slow path, e.g. a TURN-relayed send).
+    """
+
+    @property
+    def id(self) -> str: ...
+
+    def deliver(self, packet: RtpPacket, meta: PacketMeta) -> Awaitable[object] | None: ...
+
+    def restart(self) -> None:
+        """The source resumes after a pause: start again at the next keyframe, seamlessly."""
+
+    def source_closed(self) -> None:
+        """The source ended for good; the sink closes (and tells whoever owns it)."""
+
+
+class Source:
+    """
+    A stream of one kind and codec that sinks subscribe to.
+
+    Subclasses feed packets to :meth:`forward` and implement :meth:`request_keyframe`. ``peer_id`` names who it
+    is announced as coming from (a participant, or ``mcu`` for a mix).
+
+    Lifecycle: *open* → *closed* (:meth:`close`: every sink gets ``source_closed`` and is detached).
+    """
+
+    def __init__(self, source_id: str, peer_id: str, kind: str, codec: RTCRtpCodecParameters) -> None:
+        self.id = source_id
+        self.peer_id = peer_id
+        self.kind = kind
+        #: The codec the packets are in (payload type as received; each sink sets its negotiated one).
+        self.codec = codec
+        #: While paused (the owner muted the track) nothing is delivered.
+        self.paused = False
+        self.closed = False
+        self._sinks: dict[str, Sink] = {}
+        self._fanout: tuple[Sink, ...] = ()
+        self._is_keyframe: Callable[[bytes], bool] | None = keyframe_detector(codec.mimeType)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id}, peer={self.peer_id}, kind={self.kind}, sinks={len(self._sinks)})"
+
+    @property
+    def sink_count(self) -> int:
+        return len(self._sinks)
+
+    def attach(self, sink: Sink) -> None:
+        """Start delivering to ``sink`` (from the next packet)."""
+        self._sinks[sink.id] = sink
+        self._fanout = tuple(self._sinks.values())
+
+    def detach(self, sink: Sink) -> None:
+        """Stop delivering to ``sink``. Idempotent."""
+        if self._sinks.pop(sink.id, None) is not None:
+            self._fanout = tuple(self._sinks.values())
+
+    def request_keyframe(self) -> None:
+        """A sink needs a decodable picture (a new subscriber, a lost one). No-op for audio."""
+
+    def pause(self) -> None:
+        """Stop delivering (the owner muted the track)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Deliver again; every sink restarts at the next keyframe, which is requested now."""
+        if not self.paused:
+            return
+        self.paused = False
+        for sink in self._fanout:
+            sink.restart()
+        self.request_keyframe()
+
+    async def forward(self, packet: RtpPacket, keyframe: bool | None = None) -> None:
+        """
+        Deliver ``packet`` to every sink. The work all sinks share is done here, once: whether the packet starts a
+        decodable picture (tested unless ``keyframe`` is given) and the send clocks.
+        """
+        if self.paused or not self._fanout:
+            return
+        if keyframe is None:
+            keyframe = self._is_keyframe is None or self._is_keyframe(packet.payload)
+        ntp = clock.current_ntp_time()
+        meta = PacketMeta(keyframe, ntp, ((ntp >> 14) & 0x00FFFFFF).to_bytes(3, "big"), time.time())
+        for sink in self._fanout:
+            pending = sink.deliver(packet, meta)
+            if pending is not None:
+                await pending
+
+    def close(self) -> None:
+        """End the source: every sink gets ``source_closed``. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        sinks, self._sinks, self._fanout = self._fanout, {}, ()
+        for sink in sinks:
+            sink.source_closed()

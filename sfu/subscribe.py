@@ -1,0 +1,180 @@
+"""The subscribe connection of a peer: Chorus offers one sendonly m-section per Consumer, the client answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+
+from . import aiortc_adapter as adapter
+from .consumer import Consumer, IdleTrack
+from .errors import InvalidSdpError, InvalidStateError
+from .ids import new_id
+from .logs import PeerLogger
+from .observer import OfferedTrack, SubscribeOffer
+from .rtp import same_codec
+from .sdp import parse_sdp, strip_mdns_candidates
+from .source import Source
+from .transport import Transport, close_peer_connection
+
+#: How long a subscriber may take to answer the server's offer before it is considered broken.
+ANSWER_TIMEOUT = 15.0
+
+#: Inactive m-sections a subscribe connection may accumulate before it is replaced (see SubscribeTransport._compact).
+MAX_INACTIVE_SECTIONS = 16
+
+
+class SubscribeTransport(Transport):
+    """
+    Where a peer's subscriptions go out: one :class:`~.consumer.Consumer` per source it receives.
+
+    Negotiations run one at a time (offer → ``send_offer`` → the client's :meth:`answer`); sources added or ended
+    while one is in flight are folded into the next. A consumer whose source ended turns its m-section
+    ``inactive`` (aiortc cannot remove m-sections) and sends RTCP BYE, which ends the track at the subscriber at
+    once; past :data:`MAX_INACTIVE_SECTIONS` the live consumers move to a fresh connection (:meth:`_compact`).
+
+    Lifecycle: as :class:`~.transport.Transport`; the client closing its side, or not answering within
+    :data:`ANSWER_TIMEOUT`, is a failure (``on_failed``).
+    """
+
+    role = "subscribe"
+
+    def __init__(
+        self,
+        peer_id: str,
+        *,
+        log: PeerLogger,
+        on_failed: Callable[[str], None],
+        send_offer: Callable[[SubscribeOffer], None],
+    ) -> None:
+        super().__init__(peer_id, log=log, on_failed=on_failed)
+        self.consumers: dict[str, Consumer] = {}
+        self._send_offer = send_offer
+        self._negotiation_needed = False
+        self._negotiation_task: asyncio.Task[None] | None = None
+        self._answer: asyncio.Future[None] | None = None
+        self._inactive_sections = 0
+
+    # --- consumers -------------------------------------------------------------------------------------
+
+    def consume(self, source: Source) -> Consumer:
+        """Start forwarding ``source`` here: adds an m-section and renegotiates.
+
+        :raises InvalidStateError: the transport is closed."""
+        if self.closed:
+            raise InvalidStateError("peer is closed")
+        consumer = self._add_consumer(source)
+        self._negotiate_soon()
+        return consumer
+
+    def _add_consumer(self, source: Source) -> Consumer:
+        if self._pc is None:
+            self._pc = self._new_pc()
+        transceiver = self._pc.addTransceiver(IdleTrack(source.kind), direction="sendonly")
+        capabilities = RTCRtpSender.getCapabilities(source.kind).codecs
+        transceiver.setCodecPreferences([c for c in capabilities if same_codec(c, source.codec)][:1])
+        # One media stream per publishing peer, so a browser groups (and lip-syncs) its audio and video.
+        adapter.set_sender_stream(transceiver.sender, stream_id=source.peer_id, track_id=source.id)
+        consumer = Consumer(new_id("c"), source, self.peer_id, transceiver,
+                            on_source_closed=self._source_closed, log=self._log)
+        self.consumers[consumer.id] = consumer
+        self._log.debug("consumer created", consumer=consumer.id, source=source.id)
+        return consumer
+
+    def _source_closed(self, consumer: Consumer) -> None:
+        """A consumer's source ended: its m-section becomes inactive at the next negotiation."""
+        if self.consumers.pop(consumer.id, None) is None or self.closed:
+            return
+        consumer.transceiver.direction = "inactive"
+        self._inactive_sections += 1
+        # Stopping the sender sends RTCP BYE, which ends the track at the subscriber right away.
+        self._tasks.spawn(consumer.transceiver.sender.stop(), name=f"stop sender {consumer.id}")
+        self._negotiate_soon()
+
+    def _compact(self) -> None:
+        """
+        Move every live consumer to a fresh connection (offered with ``restart``).
+
+        aiortc cannot remove m-sections: each track that ends leaves an inactive one behind, and in a long call
+        with people coming and going the subscribe SDP would grow without bound. Past
+        :data:`MAX_INACTIVE_SECTIONS` the subscriber gets a new connection with only the live tracks; its media
+        pauses for about one round trip plus a keyframe.
+        """
+        old_pc = self._pc
+        consumers, self.consumers = list(self.consumers.values()), {}
+        for consumer in consumers:
+            consumer.close()
+        self._pc = None
+        for consumer in consumers:
+            if not consumer.source.closed:
+                self._add_consumer(consumer.source)
+        if self._pc is None:
+            self._pc = self._new_pc()
+        self._inactive_sections = 0
+        self._log.info("subscribe connection compacted", consumers=len(self.consumers))
+        if old_pc is not None:
+            self._tasks.spawn(close_peer_connection(old_pc), name=f"close old subscribe pc {self.peer_id}")
+
+    # --- negotiation -----------------------------------------------------------------------------------
+
+    def _negotiate_soon(self) -> None:
+        self._negotiation_needed = True
+        if self._negotiation_task is None or self._negotiation_task.done():
+            self._negotiation_task = self._tasks.spawn(self._negotiate(), name=f"negotiate {self.peer_id}")
+
+    async def _negotiate(self) -> None:
+        try:
+            while self._negotiation_needed and not self.closed:
+                self._negotiation_needed = False
+                restart = self._inactive_sections >= MAX_INACTIVE_SECTIONS
+                if restart:
+                    self._compact()
+                pc = self._pc
+                assert pc is not None
+                if pc.signalingState == "closed":
+                    return  # the client closed it: the peer is on its way out (see _closed_by_client)
+                await pc.setLocalDescription(await pc.createOffer())
+                tracks = [OfferedTrack(c.mid, c.source.id, c.source.peer_id, c.kind) for c in self.consumers.values()]
+                self._answer = asyncio.get_running_loop().create_future()
+                self._send_offer(SubscribeOffer(pc.localDescription.sdp, tracks, restart))
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._answer), ANSWER_TIMEOUT)
+                except TimeoutError:
+                    self._on_failed("no answer to the subscribe offer")
+                    return
+                finally:
+                    self._answer = None
+        except Exception:  # a bug here must not kill the session silently
+            if self._pc is not None and self._pc.signalingState == "closed":
+                return  # closed under us by the client while offering: nothing to negotiate any more
+            self._log.error("subscribe negotiation failed", exc_info=True)
+            self._on_failed("subscribe negotiation failed")
+
+    async def answer(self, answer_sdp: str) -> None:
+        """
+        Apply the client's answer to the pending offer.
+
+        :raises InvalidStateError: no offer is pending.
+        :raises InvalidSdpError: the answer cannot be applied (the offer stays pending).
+        """
+        if self._answer is None or self._answer.done() or self._pc is None:
+            raise InvalidStateError("no subscribe offer is pending")
+        answer_sdp = strip_mdns_candidates(answer_sdp)
+        parse_sdp(answer_sdp)
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+        except Exception as exc:
+            raise InvalidSdpError(f"cannot apply answer: {type(exc).__name__}: {exc}") from exc
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(None)
+
+    # --- closing ---------------------------------------------------------------------------------------
+
+    def _closed_by_client(self, pc: RTCPeerConnection) -> None:
+        self._on_failed("subscribe connection closed by the client")
+
+    async def _close_children(self) -> None:
+        consumers, self.consumers = list(self.consumers.values()), {}
+        for consumer in consumers:
+            consumer.close()
