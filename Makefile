@@ -63,9 +63,11 @@ bench-deps:
 bench: install bench-deps
 	$(PY) -m chorus.bench $(BENCH_ARGS)
 
+# ruff over everything, mypy --strict on the server packages, the import contracts of pyproject.toml.
 lint: install
-	$(VENV)/bin/ruff check sfu signaling turn tests
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -19,6 +19,8 @@ from typing import Any
 
 import aiohttp
 
+from chorus.sfu.tasks import Tasks
+
 JANUS_LIB = Path("/usr/lib/x86_64-linux-gnu/janus")
 PLUGIN = "janus.plugin.videoroom"
 
@@ -135,28 +137,25 @@ class JanusSession:
         self.session_id: int | None = None
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._events: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self.events: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Tasks("janus session")
         self._ack_ok: set[str] = set()  # transactions whose answer is a bare "ack" (keepalive, trickle)
 
     async def connect(self) -> None:
         self._http = aiohttp.ClientSession()
         self._ws = await self._http.ws_connect(self.url, protocols=("janus-protocol",), max_msg_size=0)
-        self._tasks.append(asyncio.create_task(self._read()))
-        created = await self._call({"janus": "create"})
+        self._tasks.spawn(self._read())
+        created = await self.call({"janus": "create"})
         self.session_id = created["data"]["id"]
-        self._tasks.append(asyncio.create_task(self._keepalive()))
+        self._tasks.spawn(self._keepalive())
 
     async def close(self) -> None:
         if self._ws is not None and not self._ws.closed and self.session_id is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._call({"janus": "destroy"}), 2)
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await asyncio.wait_for(self.call({"janus": "destroy"}), 2)
+        await self._tasks.close()
         if self._ws is not None:
             await self._ws.close()
         if self._http is not None:
@@ -182,7 +181,7 @@ class JanusSession:
                 continue
             sender = msg.get("sender")
             if sender is not None:
-                self._events.setdefault(sender, asyncio.Queue()).put_nowait(msg)
+                self.events.setdefault(sender, asyncio.Queue()).put_nowait(msg)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionError("janus websocket closed"))
@@ -191,9 +190,9 @@ class JanusSession:
         while True:
             await asyncio.sleep(25)
             with contextlib.suppress(Exception):
-                await self._call({"janus": "keepalive"}, timeout=10, ack=True)
+                await self.call({"janus": "keepalive"}, timeout=10, ack=True)
 
-    async def _call(self, body: dict[str, Any], *, timeout: float = 20.0, ack: bool = False) -> dict[str, Any]:
+    async def call(self, body: dict[str, Any], *, timeout: float = 20.0, ack: bool = False) -> dict[str, Any]:
         assert self._ws is not None
         transaction = f"t{next(self._ids)}"
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -211,9 +210,9 @@ class JanusSession:
             self._ack_ok.discard(transaction)
 
     async def attach(self) -> JanusHandle:
-        result = await self._call({"janus": "attach", "plugin": PLUGIN})
+        result = await self.call({"janus": "attach", "plugin": PLUGIN})
         handle_id = result["data"]["id"]
-        self._events.setdefault(handle_id, asyncio.Queue())
+        self.events.setdefault(handle_id, asyncio.Queue())
         return JanusHandle(self, handle_id)
 
 
@@ -230,7 +229,7 @@ class JanusHandle:
         request: dict[str, Any] = {"janus": "message", "handle_id": self.id, "body": body}
         if jsep is not None:
             request["jsep"] = jsep
-        result = await self.session._call(request, timeout=timeout)
+        result = await self.session.call(request, timeout=timeout)
         if result.get("janus") == "ack":  # should not happen (acks are skipped), but be tolerant
             return await self.next_event(timeout=timeout)
         data = result.get("plugindata", {}).get("data", {})
@@ -239,7 +238,7 @@ class JanusHandle:
         return result
 
     async def next_event(self, *, timeout: float = 20.0) -> dict[str, Any]:
-        queue = self.session._events.setdefault(self.id, asyncio.Queue())
+        queue = self.session.events.setdefault(self.id, asyncio.Queue())
         while True:
             msg = await asyncio.wait_for(queue.get(), timeout)
             if msg.get("janus") == "event":
@@ -249,7 +248,7 @@ class JanusHandle:
                 return msg
 
     async def trickle_done(self) -> None:
-        await self.session._call({"janus": "trickle", "handle_id": self.id, "candidate": {"completed": True}},
+        await self.session.call({"janus": "trickle", "handle_id": self.id, "candidate": {"completed": True}},
                                  ack=True)
 
 

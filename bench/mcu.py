@@ -33,6 +33,7 @@ from aiortc import AudioStreamTrack, MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from chorus.sfu import aiortc_adapter
+from chorus.sfu.tasks import Tasks
 from chorus.signaling.client import ChorusClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,11 +166,11 @@ class Participant:
     def __init__(self, url: str) -> None:
         self.client = ChorusClient(url)
         self.frames = {"audio": 0, "video": 0}
-        self._readers: list[asyncio.Task[None]] = []
+        self._readers = Tasks("mcu bench readers")
         self.client.on_track(self._on_track)
 
     def _on_track(self, track: MediaStreamTrack, info: dict[str, Any]) -> None:
-        self._readers.append(asyncio.create_task(self._drain(track)))
+        self._readers.spawn(self._drain(track))
 
     async def _drain(self, track: MediaStreamTrack) -> None:
         with contextlib.suppress(MediaStreamError):
@@ -192,8 +193,7 @@ class Participant:
             del self.client.request
 
     async def close(self) -> None:
-        for task in self._readers:
-            task.cancel()
+        await self._readers.close()
         await self.client.close()
 
 

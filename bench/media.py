@@ -34,6 +34,8 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from chorus.sfu import aiortc_adapter
+
 MAGIC = b"CHbt"
 TRAILER = struct.Struct("!4sd")  # magic, send time (time.time(), seconds)
 TRAILER_SIZE = TRAILER.size  # 12
@@ -247,8 +249,7 @@ class ClipVideoTrack(_PacedTrack):
 
     def _tag(self, data: bytes, now: float) -> bytes:
         sender = self.sender
-        if sender is not None and getattr(sender, "_RTCRtpSender__force_keyframe", False):
-            sender._RTCRtpSender__force_keyframe = False
+        if sender is not None and aiortc_adapter.take_keyframe_request(sender):
             size = len(self._packets)
             index = (self._n + self._offset) % size
             if index not in self._keyframes:

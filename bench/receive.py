@@ -166,7 +166,7 @@ def hook_receiver(receiver: RTCRtpReceiver, record: TrackRecord) -> None:
     """Count ``receiver``'s packets into ``record`` instead of depacketizing and decoding them."""
     aiortc_adapter.disable_decoding(receiver)  # no decoder thread work, ever
     codecs = aiortc_adapter.receiver_codecs(receiver)
-    streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+    streams = aiortc_adapter.receiver_streams(receiver)
     record.streams = streams
     on_packet = record.video_packet if record.kind == "video" else record.audio_packet
     clock = time.time
@@ -197,7 +197,7 @@ def hook_receiver(receiver: RTCRtpReceiver, record: TrackRecord) -> None:
 
             table[packet.ssrc] = fast
 
-    receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+    aiortc_adapter.hook_receiver_rtp(receiver, handle)  # aiortc's own handler is never called
 
 
 def _fast_table(dtls: Any) -> dict[int, FastHandler]:
@@ -207,24 +207,27 @@ def _fast_table(dtls: Any) -> dict[int, FastHandler]:
     if table is None:
         table = {}
         setattr(dtls, _FAST_TABLE, table)
-        for protocol in dtls.transport._connection._protocols:
-            _wrap_protocol(protocol, dtls, table)
+        for protocol in aiortc_adapter.ice_protocols(dtls):
+            aiortc_adapter.intercept_datagrams(protocol, _fast_receiver(dtls, table))
     return table
 
 
-def _wrap_protocol(protocol: Any, dtls: Any, table: dict[int, FastHandler]) -> None:
-    original = protocol.datagram_received
+def _fast_receiver(dtls: Any, table: dict[int, FastHandler]) -> aiortc_adapter.DatagramHandler:
+    """Takes SRTP datagrams of SSRCs in ``table`` (decrypted, to their handler); leaves the rest to aioice."""
+    unprotect: Callable[[bytes], bytes] | None = None
 
-    def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
+    def receive(data: bytes, addr: tuple[Any, ...]) -> bool:
+        nonlocal unprotect
         if len(data) > 12 and 127 < data[0] < 192 and not is_rtcp(data):
             handler = table.get(int.from_bytes(data[8:12], "big"))  # the SSRC is not encrypted
-            srtp = dtls._rx_srtp
-            if handler is not None and srtp is not None:
+            if unprotect is None:
+                unprotect = aiortc_adapter.srtp_unprotect(dtls)
+            if handler is not None and unprotect is not None:
                 try:
-                    handler(srtp.unprotect(data))
+                    handler(unprotect(data))
                 except pylibsrtp.Error:
                     pass
-                return
-        original(data, addr)
+                return True
+        return False
 
-    protocol.datagram_received = datagram_received
+    return receive

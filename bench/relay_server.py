@@ -24,6 +24,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 
 from chorus.sfu import aiortc_adapter
+from chorus.sfu.tasks import Tasks
 
 logger = logging.getLogger("bench.relay")
 
@@ -60,6 +61,7 @@ class RelayServer:
         self.rooms: dict[str, Room] = {}
         self.ids = itertools.count(1)
         self.pcs: set[RTCPeerConnection] = set()
+        self.tasks = Tasks("relay offers")
 
     async def send(self, peer: Peer, message: dict[str, Any]) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -97,7 +99,7 @@ class RelayServer:
             peer = Peer(f"p-{next(self.ids)}", ws, room)
             room.peers[peer.id] = peer
             peer_holder.append(peer)
-            asyncio.ensure_future(self.offer_tracks(peer))
+            self.tasks.spawn(self.offer_tracks(peer))
             return {"v": 1, "peer_id": peer.id, "room": room.name, "peers": [], "ice_servers": []}
         peer = peer_holder[0]
         if method == "publish":
@@ -115,7 +117,7 @@ class RelayServer:
                 tracks.append({"id": track_id, "kind": track.kind, "mid": mid})
             for other in list(peer.room.peers.values()):
                 if other is not peer:
-                    asyncio.ensure_future(self.offer_tracks(other))
+                    self.tasks.spawn(self.offer_tracks(other))
             return {"type": "answer", "sdp": pc.localDescription.sdp, "tracks": tracks}
         if method == "answer":
             if peer.answer is not None and not peer.answer.done():

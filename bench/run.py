@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chorus.sfu.tasks import Tasks
+
 from . import janus, profile, servers
 from .scenarios import Scenario
 from .servers import ROOT, Server, core_busy, core_times, process_cpu_seconds, thread_cpu_seconds
@@ -57,8 +59,10 @@ class WorkerProcess:
         self.pid = proc.pid
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.create_task(self._read())
+        #: the worker's hello (its first line)
+        self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._tasks = Tasks(f"bench worker {name}")
+        self._tasks.spawn(self._read())
 
     @classmethod
     async def start(cls, name: str, cpu: int | None) -> WorkerProcess:
@@ -68,7 +72,7 @@ class WorkerProcess:
             preexec_fn=preexec, limit=1 << 26,  # type: ignore[arg-type]
         )
         worker = cls(proc, name)
-        hello = await asyncio.wait_for(worker._ready, 60)
+        hello = await asyncio.wait_for(worker.ready, 60)
         worker.pid = hello.get("pid", proc.pid)
         return worker
 
@@ -79,13 +83,13 @@ class WorkerProcess:
                 msg = json.loads(line)
             except ValueError:
                 continue  # a stray print from a library
-            if msg.get("id") == 0 and not self._ready.done():
-                self._ready.set_result(msg)
+            if msg.get("id") == 0 and not self.ready.done():
+                self.ready.set_result(msg)
                 continue
             future = self._pending.pop(msg.get("id"), None)
             if future is not None and not future.done():
                 future.set_result(msg)
-        for future in [self._ready, *self._pending.values()]:
+        for future in [self.ready, *self._pending.values()]:
             if not future.done():
                 future.set_exception(RuntimeError(f"worker {self.name} exited"))
 
@@ -118,7 +122,7 @@ class WorkerProcess:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        self._reader.cancel()
+        await self._tasks.close()
 
 
 class Pool:
@@ -251,12 +255,13 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
     gen_cpu0 = sum(w.cpu_seconds() for w in pool.all) + process_cpu_seconds(own_pid)
     m0 = time.monotonic()
     await asyncio.gather(*(w.call("mark") for w in active))
-    profiling = None
+    profiling: asyncio.Task[Path] | None = None
+    tasks = Tasks("bench profile")
     threads0 = thread_cpu_seconds(server.pid) if options.profile else {}
     if options.profile:
         out = options.results_dir / f"profile-{run_tag}{kind}-{scenario.name}.folded"
         out.parent.mkdir(parents=True, exist_ok=True)
-        profiling = asyncio.create_task(profile.record(server.pid, options.duration, out))
+        profiling = tasks.spawn(profile.record(server.pid, options.duration, out))
     await asyncio.sleep(options.duration)
     collected = await asyncio.gather(*(w.call("collect") for w in active))
     window = time.monotonic() - m0
@@ -274,6 +279,7 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
                                  "threads": [{"thread": t, "cpu": round(c, 4)} for c, t in reversed(per_thread)][:6]}
         except Exception as exc:  # noqa: BLE001
             result["notes"].append(f"profile failed: {exc}")
+    await tasks.close()
 
     # Figures.
     tracks = [t for c in collected for t in c["tracks"]]

@@ -26,6 +26,7 @@ import traceback
 from typing import Any
 
 from chorus.sfu import aiortc_adapter
+from chorus.sfu.tasks import Tasks
 
 from .drivers import DRIVERS, Participant
 from .media import load_clip
@@ -129,14 +130,13 @@ async def serve() -> None:
                    "trace": traceback.format_exc()})
 
     reply({"id": 0, "ok": True, "ready": True, "pid": os.getpid()})
-    tasks: set[asyncio.Task[None]] = set()
+    tasks = Tasks("bench worker requests")
     while line := await reader.readline():
         request = json.loads(line)
         if request.get("op") == "exit":
             break
-        task = asyncio.create_task(handle(request))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        tasks.spawn(handle(request))
+    await tasks.close()
     await worker.op_close()
 
 

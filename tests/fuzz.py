@@ -14,7 +14,6 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fuzz_targets import TARGETS, save_failure  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from chorus.sfu import ChorusError, Router
 from chorus.sfu.logs import PeerLogger
-from chorus.sfu.peer import parse_sdp
+from chorus.sfu.sdp import parse_sdp
 from chorus.signaling.protocol import ProtocolError, parse_request
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
@@ -67,14 +67,13 @@ def check_parse_sdp(sdp: str) -> None:
 
 async def _publish(sdp: str) -> None:
     class Observer:
-        def producer_added(self, *args: Any) -> None: ...
-        def producer_closed(self, *args: Any) -> None: ...
+        def source_added(self, *args: Any) -> None: ...
+        def source_removed(self, *args: Any) -> None: ...
         def peer_failed(self, *args: Any) -> None: ...
-
-    async def send_offer(*args: Any) -> None: ...
+        def send_offer(self, *args: Any) -> None: ...
 
     router = Router("fuzz", Observer(), log=PeerLogger("chorus.fuzz"))
-    peer = router.create_peer("p-fuzz", "fuzz", send_offer)
+    peer = router.create_peer("p-fuzz", "fuzz")
     try:
         await peer.publish(sdp)
     except ChorusError:

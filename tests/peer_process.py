@@ -6,12 +6,12 @@ import asyncio
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from media import ColorTrack, SineTrack  # noqa: E402
 
 from chorus.sfu import aiortc_adapter  # noqa: E402
+from chorus.sfu.tasks import Tasks  # noqa: E402
 from chorus.signaling.client import ChorusClient  # noqa: E402
 
 
@@ -21,6 +21,7 @@ async def main(url: str, room: str, name: str, mode: str = "publish") -> None:
     client = ChorusClient(url)
     await client.connect()
     receiving = asyncio.Event()
+    readers = Tasks("peer process readers")
 
     def on_track(track: object, info: object) -> None:
         async def drain() -> None:
@@ -28,7 +29,7 @@ async def main(url: str, room: str, name: str, mode: str = "publish") -> None:
                 await track.recv()  # type: ignore[attr-defined]
                 receiving.set()
 
-        asyncio.ensure_future(drain())
+        readers.spawn(drain())
 
     client.on_track(on_track)
     joined = await client.join(room, name)

@@ -39,11 +39,11 @@ async def fps_while(video: Any, proc: asyncio.subprocess.Process, server: Server
                 slowest = max(slowest, time.monotonic() - t0)
                 await asyncio.sleep(0.2)
 
-    checker = asyncio.ensure_future(health())
-    while proc.returncode is None:
-        frames += await count_frames(video, 0.5)
-    elapsed = time.monotonic() - started
-    await checker
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(health())
+        while proc.returncode is None:
+            frames += await count_frames(video, 0.5)
+        elapsed = time.monotonic() - started
     return frames / elapsed, slowest
 
 

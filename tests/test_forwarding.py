@@ -14,6 +14,8 @@ from calls import Received
 from conftest import ServerProcess, connect
 from media import ColorTrack, EncodedVideoTrack, SineTrack, count_frames, encode_vp8_clip
 
+from chorus.sfu import aiortc_adapter
+from chorus.sfu.tasks import Tasks
 from chorus.signaling.client import ChorusClient
 
 
@@ -75,7 +77,8 @@ async def test_h264_is_forwarded(server: ServerProcess, clients: list[ChorusClie
     await subscriber.join(room_name, "sub")
     await received.wait(1)
     assert subscriber.subscribe_pc is not None
-    codecs = [t.receiver.track and t._codecs[0].mimeType for t in subscriber.subscribe_pc.getTransceivers()]
+    codecs = [t.receiver.track and aiortc_adapter.transceiver_codecs(t)[0].mimeType
+              for t in subscriber.subscribe_pc.getTransceivers()]
     assert codecs == ["video/H264"]
     assert await count_frames(received.tracks[(publisher.peer_id, "video")], 5.0) >= 20  # type: ignore[index]
 
@@ -92,13 +95,14 @@ async def test_late_joiner_gets_a_keyframe_quickly(server: ServerProcess, client
     late = await connect(server, clients)
     first_frame: asyncio.Future[float] = asyncio.get_running_loop().create_future()
     connected_at: list[float] = []
+    readers = Tasks("first frame")
 
     def on_track(track: MediaStreamTrack, info: dict[str, Any]) -> None:
         async def first() -> None:
             await track.recv()
             first_frame.set_result(time.monotonic())
 
-        asyncio.ensure_future(first())
+        readers.spawn(first())
         assert late.subscribe_pc is not None
         pc = late.subscribe_pc
 
@@ -110,6 +114,7 @@ async def test_late_joiner_gets_a_keyframe_quickly(server: ServerProcess, client
     late.on_track(on_track)
     await late.join(room_name, "late")
     frame_at = await asyncio.wait_for(first_frame, 5.0)
+    await readers.close()
     assert connected_at, "subscribe connection never reported connected"
     latency = frame_at - connected_at[0]
     print(f"first decoded frame {latency * 1000:.0f} ms after the subscribe connection connected")

@@ -11,7 +11,7 @@ from fuzz_targets import CORPUS, TARGETS, check_datagram, check_parse_sdp, check
 from hypothesis import HealthCheck, given, settings
 
 from chorus.sfu.errors import InvalidSdpError
-from chorus.sfu.peer import parse_sdp
+from chorus.sfu.sdp import parse_sdp
 from chorus.signaling.client import ChorusClient, RequestError
 
 SHORT = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)

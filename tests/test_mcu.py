@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +21,7 @@ from media import ColorTrack, SineTrack
 
 from chorus.sfu.mcu import McuOptions
 from chorus.sfu.mixer import FRAME_SAMPLES, JITTER_MAX, JITTER_TARGET, AudioSource, fit, grid, mix_minus_one
+from chorus.sfu.tasks import Tasks
 from chorus.signaling.client import ChorusClient, RequestError
 
 #: Small composite for tests: cheap to encode on the server and to decode in the clients.
@@ -56,7 +56,8 @@ class AudioTap:
         self.rate = 48000
         self._chunks: list[np.ndarray] = []
         self._keep = keep
-        self._task = asyncio.create_task(self._read(track))
+        self._tasks = Tasks("audio tap")
+        self._tasks.spawn(self._read(track))
 
     async def _read(self, track: MediaStreamTrack) -> None:
         while True:
@@ -75,9 +76,7 @@ class AudioTap:
         return samples[-int(seconds * self.rate):]
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await self._tasks.close()
 
 
 class VideoTap:
@@ -86,7 +85,8 @@ class VideoTap:
     def __init__(self, track: MediaStreamTrack) -> None:
         self.latest: np.ndarray | None = None
         self.frames = 0
-        self._task = asyncio.create_task(self._read(track))
+        self._tasks = Tasks("video tap")
+        self._tasks.spawn(self._read(track))
 
     async def _read(self, track: MediaStreamTrack) -> None:
         while True:
@@ -98,9 +98,7 @@ class VideoTap:
             self.frames += 1
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await self._tasks.close()
 
 
 def tone_levels(samples: np.ndarray, rate: int, tones: list[float]) -> dict[float, float]:

@@ -34,6 +34,7 @@ from coturn import coturn_fixture as coturn_fixture  # the `coturn` fixture
 from coturn import hardened_coturn_fixture as hardened_coturn_fixture  # the `hardened_coturn` fixture
 from media import ColorTrack, SineTrack
 
+from chorus.sfu import aiortc_adapter
 from chorus.signaling.client import ChorusClient
 from chorus.signaling.config import Settings
 from chorus.turn import check as turn_check
@@ -347,10 +348,9 @@ async def decode_frames(track: MediaStreamTrack, frames: int, *, timeout: float)
 
 def _selected_local_candidate_type(pc: RTCPeerConnection) -> str:
     """The type of the local candidate of the nominated ICE pair (aioice internals: test-only)."""
-    transport = pc.getTransceivers()[0].sender.transport.transport
-    nominated = transport._connection._nominated
-    assert nominated, "no nominated candidate pair"
-    return str(nominated[1].local_candidate.type)
+    kind = aiortc_adapter.nominated_local_candidate_type(pc.getTransceivers()[0].sender.transport)
+    assert kind is not None, "no nominated candidate pair"
+    return kind
 
 
 async def test_relay_only_call_between_aiortc_peers(coturn: Coturn, turn_chorus: ServerProcess,
