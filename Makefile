@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
-SYSTEM_PACKAGES := chromium coturn redis-server docker-compose
+SYSTEM_PACKAGES := chromium coturn redis-server docker-compose iproute2
 
 .PHONY: run run-cluster test install system-deps lint clean fuzz soak bench bench-deps
 

@@ -8,10 +8,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from netns import NetworkNamespace, available, sweep
 
 from chorus.sfu import aiortc_adapter
 from chorus.signaling.client import ChorusClient
@@ -115,3 +116,28 @@ async def connect(server: ServerProcess, clients: list[ChorusClient], **kwargs: 
     await client.connect()
     clients.append(client)
     return client
+
+
+@pytest.fixture
+def netns_factory() -> Iterator[Callable[[], NetworkNamespace]]:
+    """Make test hosts (network namespaces on veth pairs, see netns.py); all are removed afterwards."""
+    if not available():
+        pytest.skip("network namespaces need root, iproute2 and tc")
+    made: list[NetworkNamespace] = []
+
+    def make() -> NetworkNamespace:
+        made.append(NetworkNamespace())
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for ns in made:
+            ns.delete()
+        sweep()
+
+
+@pytest.fixture
+def netns(netns_factory: Callable[[], NetworkNamespace]) -> NetworkNamespace:
+    """One test host (a network namespace on a veth pair), removed afterwards."""
+    return netns_factory()

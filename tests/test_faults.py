@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from browser import CHROMIUM, FLAGS, INBOUND_STATS, PER_STREAM_FRAMES, wait_unti
 from calls import Received, two_person_call
 from conftest import ServerProcess, connect
 from media import count_frames
+from netns import NetworkNamespace
 
 from chorus.signaling.client import ChorusClient
 
@@ -111,52 +111,6 @@ async def test_page_reconnects_after_server_restart(tmp_path: Path, browser: obj
 
 
 # --- a publisher's network disappears for 5 s -----------------------------------------------------------
-
-
-class NetworkNamespace:
-    """A test host: a network namespace joined to this one by a veth pair (10.250.N.0/30).
-
-    Only this session's own namespace is ever addressed; nothing is routed anywhere else."""
-
-    def __init__(self) -> None:
-        n = os.getpid() % 200 + 20
-        self.name = f"chorus-t{os.getpid()}"
-        self.host_if, self.ns_if = f"chh{os.getpid() % 100000}", f"chn{os.getpid() % 100000}"
-        self.host_ip, self.ns_ip = f"10.250.{n}.1", f"10.250.{n}.2"
-        for cmd in (
-            ["ip", "netns", "add", self.name],
-            ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if],
-            ["ip", "link", "set", self.ns_if, "netns", self.name],
-            ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if],
-            ["ip", "link", "set", self.host_if, "up"],
-            ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if],
-            ["ip", "netns", "exec", self.name, "ip", "link", "set", self.ns_if, "up"],
-            ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
-        ):
-            subprocess.run(cmd, check=True, capture_output=True)
-
-    def link(self, up: bool) -> None:
-        subprocess.run(["ip", "link", "set", self.host_if, "up" if up else "down"], check=True)
-
-    def wrap(self, executable: str, folder: Path) -> str:
-        """A launcher that runs ``executable`` inside the namespace."""
-        script = folder / f"in-{self.name}.sh"
-        script.write_text(f'#!/bin/sh\nexec ip netns exec {self.name} {executable} "$@"\n')
-        script.chmod(0o755)
-        return str(script)
-
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
-
-
-@pytest.fixture
-def netns() -> Iterator[NetworkNamespace]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2")
-    ns = NetworkNamespace()
-    yield ns
-    ns.delete()
 
 
 async def test_publisher_network_drop_rejoins_without_duplicate(tmp_path: Path, netns: NetworkNamespace,
