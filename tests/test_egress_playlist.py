@@ -179,7 +179,7 @@ def test_master_playlist_attributes(tmp_path: Path) -> None:
     infs = [(attributes(x.split(":", 1)[1]), lines[i + 1]) for i, x in enumerate(lines)
             if x.startswith("#EXT-X-STREAM-INF:")]
     assert [uri for _, uri in infs] == ["360p/index.m3u8", "180p/index.m3u8", "90p/index.m3u8"]
-    for (a, _), (name, w, h) in zip(infs, RUNGS, strict=True):
+    for (a, _), (_name, w, h) in zip(infs, RUNGS, strict=True):
         assert a["RESOLUTION"] == f"{w}x{h}" and a["AUDIO"] == "audio" and a["FRAME-RATE"] == "30.000"
         assert re.fullmatch(r"avc1\.[0-9a-f]{6},mp4a\.40\.2", a["CODECS"])
         assert int(a["BANDWIDTH"]) >= int(a["AVERAGE-BANDWIDTH"]) > audio_info.bandwidth
