@@ -29,7 +29,7 @@ from typing import Any, Literal
 import av
 from chorus.egress.depacketize import AccessUnit
 from chorus.egress.errors import EgressError
-from chorus.egress.h264 import NAL_PPS, NAL_SPS, join_annexb, nal_type, split_annexb
+from chorus.egress.h264 import NAL_PPS, NAL_SPS, join_annexb, nal_type, parse_sps, split_annexb
 from chorus.sfu.logs import PeerLogger
 
 _log = PeerLogger(logging.getLogger("chorus.egress.recorder"))
@@ -181,6 +181,7 @@ class TrackRecorder:
         # MP4 starts every track at 0 (no edit list in a fragmented file): the first sample's time says where.
         container.metadata["chorus_start"] = datetime.fromtimestamp(self.origin + start / self.clock_rate,
                                                                      UTC).isoformat()
+        stream: Any
         if self.codec == "opus":
             stream = container.add_stream("libopus", rate=48000)
             stream.codec_context.layout = "stereo" if self.channels == 2 else "mono"
@@ -190,9 +191,10 @@ class TrackRecorder:
             stream.codec_context.width, stream.codec_context.height = _vp8_size(unit.data)
         else:
             stream = container.add_stream("libx264")
-            from chorus.egress.h264 import parse_sps  # noqa: PLC0415
-
-            sps = next(n for n in self._parameter_sets if nal_type(n) == NAL_SPS)
+            sps = next((n for n in self._parameter_sets if nal_type(n) == NAL_SPS), None)
+            if sps is None:
+                container.close()
+                raise EgressError("bad_input", "an H.264 key frame without a sequence parameter set")
             info = parse_sps(sps)
             stream.codec_context.width, stream.codec_context.height = info.width, info.height
             stream.codec_context.extradata = join_annexb(self._parameter_sets)
