@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiortc.rtp import RtpPacket
+
 from chorus.egress.errors import EgressError
 from chorus.egress.h264 import NAL_AUD, NAL_IDR, NAL_PPS, NAL_SPS, join_annexb
 from chorus.sfu.logs import PeerLogger

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import av
+
 from chorus.egress.depacketize import AccessUnit
 from chorus.egress.errors import EgressError
 from chorus.egress.h264 import NAL_PPS, NAL_SPS, join_annexb, nal_type, parse_sps, split_annexb

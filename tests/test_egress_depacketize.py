@@ -8,6 +8,8 @@ import av
 import pytest
 from aiortc.codecs import depayload
 from aiortc.rtp import RtpPacket
+from egress_media import H264_CODEC, OPUS_CODEC, VP8_CODEC, encode_opus, encode_video, packetize
+
 from chorus.egress.depacketize import (
     AccessUnit,
     H264Depacketizer,
@@ -27,7 +29,6 @@ from chorus.egress.h264 import (
     parse_sps,
     split_annexb,
 )
-from egress_media import H264_CODEC, OPUS_CODEC, VP8_CODEC, encode_opus, encode_video, packetize
 
 
 def run(depacketizer: H264Depacketizer | Vp8Depacketizer | OpusDepacketizer,

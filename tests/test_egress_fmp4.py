@@ -9,10 +9,11 @@ import struct
 import av
 import numpy as np
 import pytest
+from egress_media import encode_opus, encode_video
+
 from chorus.egress.errors import EgressError
 from chorus.egress.fmp4 import Fragmenter, Part, Sample, Segment, Track, aac_audio_specific_config, init_segment
 from chorus.egress.h264 import annexb_to_length_prefixed, nal_type, split_annexb
-from egress_media import encode_opus, encode_video
 
 
 def boxes(data: bytes) -> list[tuple[bytes, bytes]]:

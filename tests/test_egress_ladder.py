@@ -8,9 +8,10 @@ import signal
 
 import av
 import pytest
+from egress_media import encode_opus, encode_video
+
 from chorus.egress.errors import EgressError
 from chorus.egress.ladder import EncodedFrame, KeyframeRequester, Ladder, Rung
-from egress_media import encode_opus, encode_video
 
 
 def decode_sizes(frames: list[EncodedFrame]) -> list[tuple[int, int]]:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import av
 import pytest
+from egress_media import encode_video
+from test_egress_fmp4 import aac_samples
+
 from chorus.egress.errors import EgressError
 from chorus.egress.fmp4 import Fragmenter, Part, Sample, Segment, Track
 from chorus.egress.h264 import annexb_to_length_prefixed, nal_type, split_annexb
@@ -27,8 +30,6 @@ from chorus.egress.playlist import (
     parse_blocking_query,
     parse_media_name,
 )
-from egress_media import encode_video
-from test_egress_fmp4 import aac_samples
 
 RUNGS = [("360p", 640, 360), ("180p", 320, 180), ("90p", 160, 90)]
 ATTR = re.compile(r'([A-Z0-9-]+)=("[^"]*"|[^",]*)(?:,|$)')

@@ -11,10 +11,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from egress_media import H264_CODEC, OPUS_CODEC, VP8_CODEC, encode_opus, encode_video, packetize
+
 from chorus.egress.depacketize import AccessUnit, H264Depacketizer, OpusDepacketizer, Vp8Depacketizer
 from chorus.egress.errors import EgressError
 from chorus.egress.recorder import SenderReportClock, TrackRecorder, list_recordings, ntp_to_unix, probe_duration
-from egress_media import H264_CODEC, OPUS_CODEC, VP8_CODEC, encode_opus, encode_video, packetize
 
 HERE = Path(__file__).resolve().parent
 T0 = 1_800_000_000.0  # wall time of video frame 0
