@@ -6,12 +6,14 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
 SYSTEM_PACKAGES := chromium coturn redis-server docker-compose iproute2
+# Streaming tools for the ingest and egress tests, without their recommended packages.
+MEDIA_PACKAGES := ffmpeg
 
 .PHONY: run run-cluster test install system-deps lint clean fuzz soak bench bench-deps
 
 # The package folders are prerequisites: a file added to or removed from one changes the folder, and the
 # strict editable install (links to each file, see pyproject.toml) must then be made again.
-PACKAGE_DIRS := sfu/ signaling/ turn/ web/ bench/ bench/native/
+PACKAGE_DIRS := sfu/ signaling/ turn/ web/ web/vendor/hls.js/ bench/ bench/native/ egress/
 $(STAMP): pyproject.toml $(PACKAGE_DIRS)
 	@# Debian's own python3 needs python3-venv for this; install it when missing.
 	python3 -m venv $(VENV) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -24,13 +26,18 @@ $(STAMP): pyproject.toml $(PACKAGE_DIRS)
 install: $(STAMP)
 
 # System packages (Debian): Chromium for browser tests, coturn for TURN tests, redis-server for cluster tests,
-# docker-compose to validate docker-compose.yml (no engine runs). Skipped when already present.
+# docker-compose to validate docker-compose.yml (no engine runs), iproute2 for test network namespaces, and the
+# streaming tools. Skipped when already present.
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing system packages:$$missing"; \
+	media=""; for p in $(MEDIA_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || media="$$media $$p"; done; \
+	if [ -n "$$missing$$media" ]; then \
+	  echo "installing system packages:$$missing$$media"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	  $$SUDO apt-get update -qq; \
+	  if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi; \
+	  if [ -n "$$media" ]; then \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$media; fi; \
 	fi
 
 run: install
