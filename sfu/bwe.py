@@ -33,8 +33,8 @@ stale media sitting in a bottleneck is what freezes a viewer.
 Going up faster than 8 %/s takes **probing**: :meth:`SendSideBwe.poll_probe` tells the caller when to send a
 probe cluster (padding or RTX at a given rate for ~40 ms, every packet tagged with the cluster id); the rate
 at which the cluster was received (:class:`ProbeEstimator`) lifts the estimate at once. Probes are sent
-while the caller wants more than the estimate (:meth:`SendSideBwe.set_demand`): exponentially (×2) while
-they succeed, then every 1 s, backing off to 5 s while they fail.
+while the caller wants more than the estimate (:meth:`SendSideBwe.set_demand`): the first at 3 ×, then at
+2 × the estimate right after each success; after a failure 1 s later, the wait doubling up to 5 s.
 
 Lying inputs are clamped: the estimate stays within ``min_bps``..``max_bps`` (30 kbps..50 Mbps) and below
 twice the measured throughput (acknowledged, or sent in REMB-only mode), a recent probe result or the start
