@@ -11,7 +11,7 @@ SYSTEM_PACKAGES := chromium coturn redis-server docker-compose
 
 # The package folders are prerequisites: a file added to or removed from one changes the folder, and the
 # strict editable install (links to each file, see pyproject.toml) must then be made again.
-$(STAMP): pyproject.toml sfu signaling turn web bench bench/native
+$(STAMP): pyproject.toml sfu signaling turn web bench bench/native ingest
 	@# Debian's own python3 needs python3-venv for this; install it when missing.
 	python3 -m venv $(VENV) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv && \
