@@ -390,9 +390,9 @@ class H264Packetizer:
     """
     Turns access units into RTP payloads (RFC 6184, packetization-mode 1): a NAL unit that fits goes alone
     (§5.6), a larger one as FU-A fragments (§5.8), and every IDR picture is preceded by the current SPS and PPS
-    in one STAP-A (§5.7.1) at the start of the unit, unless the unit carries them itself. Access unit delimiters and filler data
-    are dropped (they mean nothing to an RTP receiver). The marker bit is set on the last packet of each access
-    unit (§5.1).
+    in one STAP-A (§5.7.1) at the start of the unit, unless the unit carries them itself. Access unit delimiters
+    and filler data are dropped (they mean nothing to an RTP receiver). The marker bit is set on the last packet
+    of each access unit (§5.1).
 
     :param max_payload: the largest payload produced, in bytes (≥ 3).
     """

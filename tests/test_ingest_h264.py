@@ -9,12 +9,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from chorus.ingest import h264
 from chorus.ingest.errors import ProtocolError
 from chorus.ingest.media import VideoAccessUnit
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def encode(width: int, height: int, frames: int, options: dict[str, str], profile: str | None = None
