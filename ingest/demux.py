@@ -46,6 +46,7 @@ class PacketNormalizer:
         self._sps: list[bytes] = []
         self._pps: list[bytes] = []
         self._pending: list[MediaItem] = []
+        self._started = False
         if video is not None:
             extradata = bytes(video.codec_context.extradata or b"")
             if extradata[:1] == b"\x01":
@@ -114,6 +115,9 @@ class PacketNormalizer:
         if self.video_config is None or not nalus:
             return []  # nothing decodable before the first parameter sets
         keyframe = any(nal_type(n) == NAL_IDR for n in nalus)
+        if not keyframe and not self._started:
+            return []  # joined mid-stream (a camera): nothing is decodable before the first IDR
+        self._started = True
         return [VideoAccessUnit(pts, dts, keyframe, nalus)]
 
     def _audio(self, pts: int, data: bytes) -> list[MediaItem]:

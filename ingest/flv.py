@@ -43,6 +43,7 @@ class FlvDepacketizer:
     def __init__(self) -> None:
         self.video_config: VideoConfig | None = None
         self.audio_config: AudioConfig | None = None
+        self._started = False
 
     def video(self, timestamp_ms: int, body: bytes) -> list[MediaItem]:
         """The media objects of one video message (E.4.3.1; Enhanced RTMP ``avc1`` too)."""
@@ -94,6 +95,9 @@ class FlvDepacketizer:
         if not nalus:
             return []
         keyframe = frame_type in (FRAME_KEY, FRAME_GENERATED_KEY) or any(n[0] & 0x1F == 5 for n in nalus)
+        if not keyframe and not self._started:
+            return []  # nothing is decodable before the first keyframe
+        self._started = True
         return [VideoAccessUnit(timestamp_ms + composition_ms, timestamp_ms, keyframe, nalus)]
 
     def audio(self, timestamp_ms: int, body: bytes) -> list[MediaItem]:

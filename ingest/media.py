@@ -6,7 +6,8 @@ once. Timestamps are integer milliseconds on the stream's own clock, shared by i
 message timestamps as sent, MPEG-TS and pulled streams rebased so that the first packet is at 0.
 
 Order of delivery on one stream: a config object (:class:`VideoConfig`, :class:`AudioConfig`) comes before the
-first media unit of its kind and again whenever it changes; :class:`Metadata` may come at any time;
+first media unit of its kind and again whenever it changes; the first :class:`VideoAccessUnit` is a keyframe
+(what comes before one is dropped: it could not be decoded); :class:`Metadata` may come at any time;
 :meth:`MediaSink.ended` comes exactly once, last.
 """
 
