@@ -368,3 +368,81 @@ def test_amf0_round_trip_and_bounds() -> None:
             amf0.decode(os.urandom(random.randrange(1, 64)))
         except ProtocolError:
             pass
+
+
+def avcc_record(sps: bytes, pps: bytes) -> bytes:
+    """An AVCDecoderConfigurationRecord (ISO/IEC 14496-15 §5.3.3.1) for one SPS and one PPS."""
+    return (bytes([1, sps[1], sps[2], sps[3], 0xFF, 0xE1]) + len(sps).to_bytes(2, "big") + sps
+            + bytes([1]) + len(pps).to_bytes(2, "big") + pps)
+
+
+async def test_obs_style_session_with_type_1_headers(rtmp: Harness) -> None:
+    """What librtmp (OBS) sends: Set Chunk Size 4096 first, FMLE connect, releaseStream/FCPublish/createStream,
+    publish, @setDataFrame, then media on chunk streams 4 (audio) and 6 (video) with type 1 headers (deltas)."""
+    import fractions
+
+    import av
+    import numpy as np
+
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 160, 96, "yuv420p"
+    encoder.time_base = fractions.Fraction(1, 30)
+    encoder.options = {"preset": "ultrafast", "threads": "1", "profile": "baseline"}
+    packets = []
+    for i in range(10):
+        frame = av.VideoFrame.from_ndarray(np.full((144, 160), i * 20, np.uint8), format="yuv420p")
+        frame.pts = i
+        packets += encoder.encode(frame)
+    packets += encoder.encode(None)
+    nal_lists = [h264.split_annexb(bytes(p)) for p in packets]
+    sps = next(n for n in nal_lists[0] if h264.nal_type(n) == h264.NAL_SPS)
+    pps = next(n for n in nal_lists[0] if h264.nal_type(n) == h264.NAL_PPS)
+
+    client = await RawRtmpClient.connect(rtmp.server.port)
+    await client.handshake()
+    client.message(2, 1, 0, (4096).to_bytes(4, "big"))
+    client.out_chunk = 4096
+    client.command("connect", {"app": "live", "type": "nonprivate", "flashVer": "FMLE/3.0 (compatible; FMSc/1.0)",
+                               "swfUrl": "rtmp://127.0.0.1/live", "tcUrl": "rtmp://127.0.0.1/live"})
+    await client.until_command("_result")
+    client.command("releaseStream", None, KEY)
+    client.command("FCPublish", None, KEY)
+    client.command("createStream", None)
+    assert (await client.until_command("_result"))[1] == 2.0  # releaseStream's reply comes first, in order
+    while (reply := await client.until_command("_result"))[1] != 4.0:
+        pass
+    assert reply[3] == 1.0
+    client.command("publish", None, KEY, "live", stream_id=1)
+    assert (await client.until_command("onStatus"))[3]["code"] == "NetStream.Publish.Start"
+    client.message(4, 18, 1, amf0.encode("@setDataFrame", "onMetaData", {"width": 160.0, "encoder": "obs-output"}))
+    client.message(6, 9, 1, b"\x17\x00\x00\x00\x00" + avcc_record(sps, pps))
+    client.message(4, 8, 1, b"\xaf\x00" + AAC_ASC)
+    for i, nalus in enumerate(nal_lists):
+        body = bytes([0x17 if i == 0 else 0x27, 1, 0, 0, 0]) + h264.join_avcc(
+            n for n in nalus if h264.nal_type(n) not in (h264.NAL_SPS, h264.NAL_PPS))
+        if i == 0:
+            client.message(6, 9, 1, body, timestamp=0)
+        else:  # type 1: delta 33, new length; (csid 6 already has stream id 1)
+            client.writer.write(client.chunk(1, 6, timestamp=33, type_id=9, length=len(body), payload=body))
+    sink = await rtmp.wait_sink()
+    await sink.wait(lambda: len(sink.video) == len(nal_lists))
+    assert [u.dts_ms for u in sink.video] == [33 * i for i in range(len(nal_lists))]
+    assert sink.metadata[0].values == {"width": 160.0, "encoder": "obs-output"}
+    (config,) = sink.video_configs
+    assert config.sps == (sps,) and config.pps == (pps,) and not config.may_reorder
+    assert decodable_frames(config, sink.video) == len(nal_lists)
+    client.command("FCUnpublish", None, KEY)
+    client.command("deleteStream", None, 1.0)
+    await sink.wait(lambda: sink.reason is not None)
+    assert sink.reason is not None and sink.reason.code == "unpublished"
+    client.close()
+
+
+async def test_hevc_over_enhanced_rtmp_is_refused_as_unsupported(rtmp: Harness) -> None:
+    client = await RawRtmpClient.connect(rtmp.server.port)
+    await client.publish("live", KEY)
+    sink = await rtmp.wait_sink()
+    client.message(6, 9, 1, bytes([0x90]) + b"hvc1" + bytes(20))  # IsExHeader, key frame, SequenceStart, HEVC
+    await sink.wait(lambda: sink.reason is not None)
+    assert sink.reason is not None and sink.reason.code == "unsupported_codec"
+    client.close()
