@@ -378,6 +378,24 @@ def webrtc_profile(profile_level_id: str) -> str | None:
     return None
 
 
+#: WebRTC H.264 profiles browsers decode (Chromium 156 receives CB, Baseline, Main and High; Safari and Firefox
+#: at least CB). Pass a narrower set when the room's subscribers advertise less.
+BROWSER_PROFILES = frozenset({"constrained-baseline", "baseline", "main", "high"})
+
+
+def needs_reencode(config: VideoConfig, unit: VideoAccessUnit | None = None, *,
+                   accepted: frozenset[str] = BROWSER_PROFILES) -> bool:
+    """
+    Whether a stream must be re-encoded before browsers can play it smoothly: its profile is not one they
+    take, or pictures may come out of order (B-frames: WebRTC receivers render in decoding order, so they
+    stutter). Checked on the configuration when a stream starts, and on each ``unit`` as it arrives (a non-zero
+    composition offset proves reordering even when the SPS did not announce it).
+    """
+    if webrtc_profile(config.profile_level_id) not in accepted or config.may_reorder:
+        return True
+    return unit is not None and unit.pts_ms != unit.dts_ms
+
+
 # --- RTP (RFC 6184, packetization-mode 1) ------------------------------------------------------------------------
 
 

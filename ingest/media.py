@@ -13,6 +13,7 @@ first media unit of its kind and again whenever it changes; the first :class:`Vi
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -142,3 +143,22 @@ class PublishSession:
     remote: tuple[str, int]
     grant: Any
     id: str = ""
+
+
+OnPublish = Callable[[PublishSession], Awaitable[MediaSink]]
+"""``on_publish(session) -> sink``: called on the event loop once a publisher's key is accepted; may raise an
+:class:`.IngestError` to refuse it (RTMP answers ``NetStream.Publish.Rejected``, SRT closes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedConnection:
+    """A connection that ended before it had a sink (wrong key, garbage, limits), for metrics and the admin API.
+
+    :param app: RTMP application if it got that far; empty for SRT.
+    :param stream_name: the key presented, if any (RTMP stream name, SRT streamid resource).
+    """
+
+    remote: tuple[str, int]
+    app: str
+    stream_name: str
+    error: IngestError

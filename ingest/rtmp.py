@@ -42,7 +42,7 @@ from .errors import (
     UnauthorizedError,
 )
 from .flv import FlvDepacketizer
-from .media import EndReason, MediaSink, Metadata, PublishSession
+from .media import EndReason, MediaSink, Metadata, OnPublish, PublishSession, RefusedConnection
 
 logger = logging.getLogger("chorus.ingest.rtmp")
 
@@ -64,10 +64,6 @@ Authorize = Callable[[str, str, tuple[str, int]], Awaitable[Any]]
 """``authorize(app, stream_name, remote) -> grant``: a grant (anything but ``None``/``False``) accepts the publish
 and is handed on in :attr:`.PublishSession.grant`; ``None``/``False`` or an :class:`.IngestError` refuses it."""
 
-OnPublish = Callable[[PublishSession], Awaitable[MediaSink]]
-"""``on_publish(session) -> sink``: called once a key is accepted; may raise :class:`.IngestError` to refuse."""
-
-
 @dataclass(frozen=True, slots=True)
 class RtmpLimits:
     max_connections: int = 64
@@ -85,22 +81,12 @@ class RtmpLimits:
     authorize_timeout: float = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class RefusedConnection:
-    """A connection that ended before it had a sink (wrong key, garbage, limits), for metrics and the admin API."""
-
-    remote: tuple[str, int]
-    app: str
-    stream_name: str
-    error: IngestError
-
-
 class RtmpServer:
     """
     Listens for RTMP publishers.
 
     :param authorize: checks the key at ``publish`` (see :data:`Authorize`).
-    :param on_publish: gives the sink for an accepted publisher (see :data:`OnPublish`).
+    :param on_publish: gives the sink for an accepted publisher (see :data:`.media.OnPublish`).
     :param on_refused: told about every connection that ended without a sink (optional).
 
     Lifecycle: *new* → *listening* (:meth:`start`) → *closed* (:meth:`close` stops listening and ends every

@@ -47,8 +47,7 @@ from .errors import (
     SourceError,
     UnauthorizedError,
 )
-from .media import EndReason, MediaItem, MediaSink, PublishSession
-from .rtmp import OnPublish, RefusedConnection
+from .media import EndReason, MediaItem, MediaSink, OnPublish, PublishSession, RefusedConnection
 
 logger = logging.getLogger("chorus.ingest.srt")
 

@@ -14,7 +14,7 @@ Transcoding for ingest, always off the forwarding event loop.
 Both are fed from the loop (non-blocking ``push``; a bounded queue drops input when the worker falls behind —
 for video, until the next keyframe) and deliver results to a callback on the loop.
 
-Worker protocol (parent ⇄ ``python -m chorus.ingest.transcode``): frames of ``!BBqqI`` (kind, flags, pts_ms,
+Worker protocol (parent ⇄ ``python -m chorus.ingest.reencode_worker``): frames of ``!BBqqI`` (kind, flags, pts_ms,
 dts_ms, length) + payload on stdin/stdout. Parent → child: kind 1 = an access unit as Annex B (flags bit 0:
 force a keyframe), kind 2 = end. Child → parent: kind 1 = an encoded access unit as Annex B (flags bit 0:
 keyframe), kind 3 = a fatal error (UTF-8 text). The encoder settings travel as JSON in argv.
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, BinaryIO
+from typing import Any
 
 import av
 import av.audio.resampler
@@ -173,10 +173,10 @@ class AacToOpus:
 
 # --- video: a child process ---------------------------------------------------------------------------------------
 
-_HEADER = struct.Struct("!BBqqI")
-_KIND_UNIT, _KIND_END, _KIND_ERROR = 1, 2, 3
-_FLAG_KEY = 1
-_MAX_UNIT = 16 << 20
+WIRE_HEADER = struct.Struct("!BBqqI")
+WIRE_KIND_UNIT, WIRE_KIND_END, WIRE_KIND_ERROR = 1, 2, 3
+WIRE_FLAG_KEY = 1
+WIRE_MAX_UNIT = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +248,7 @@ class H264Reencoder:
 
     async def start(self) -> None:
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-P", "-m", "chorus.ingest.transcode", json.dumps(asdict(self.settings)),
+            sys.executable, "-P", "-m", "chorus.ingest.reencode_worker", json.dumps(asdict(self.settings)),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         self._tasks.spawn(self._write(), name=f"{self.name} writer")
         self._reader = self._tasks.spawn(self._read(), name=f"{self.name} reader")
@@ -273,10 +273,10 @@ class H264Reencoder:
         nalus = item.nalus
         if item.keyframe and not any(nal_type(n) == NAL_SPS for n in nalus):
             nalus = [*self._input_config.sps, *self._input_config.pps, *nalus]
-        flags = _FLAG_KEY if self._force_keyframe else 0
+        flags = WIRE_FLAG_KEY if self._force_keyframe else 0
         data = join_annexb(nalus)
         try:
-            self._queue.put_nowait(_HEADER.pack(_KIND_UNIT, flags, item.pts_ms, item.dts_ms, len(data)) + data)
+            self._queue.put_nowait(WIRE_HEADER.pack(WIRE_KIND_UNIT, flags, item.pts_ms, item.dts_ms, len(data)) + data)
             self._skipping = False
             self._force_keyframe = False
         except asyncio.QueueFull:
@@ -289,7 +289,7 @@ class H264Reencoder:
         process = self._process
         if process is not None and process.returncode is None and not self._tasks.closed:
             with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(_HEADER.pack(_KIND_END, 0, 0, 0, 0))
+                self._queue.put_nowait(WIRE_HEADER.pack(WIRE_KIND_END, 0, 0, 0, 0))
             try:
                 async with asyncio.timeout(2):
                     await process.wait()
@@ -309,7 +309,7 @@ class H264Reencoder:
             while (data := await self._queue.get()) is not None:
                 stdin.write(data)
                 await stdin.drain()
-                if data[0] == _KIND_END:
+                if data[0] == WIRE_KIND_END:
                     break
         except (ConnectionError, BrokenPipeError):
             pass  # the reader reports the death
@@ -323,17 +323,17 @@ class H264Reencoder:
         try:
             while True:
                 try:
-                    header = await stdout.readexactly(_HEADER.size)
+                    header = await stdout.readexactly(WIRE_HEADER.size)
                 except asyncio.IncompleteReadError:
                     break
-                kind, flags, pts, _dts, length = _HEADER.unpack(header)
-                if length > _MAX_UNIT:
+                kind, flags, pts, _dts, length = WIRE_HEADER.unpack(header)
+                if length > WIRE_MAX_UNIT:
                     raise TranscodeError("worker sent an oversized unit")
                 payload = await stdout.readexactly(length)
-                if kind == _KIND_ERROR:
+                if kind == WIRE_KIND_ERROR:
                     raise TranscodeError(payload.decode(errors="replace"))
-                if kind == _KIND_UNIT:
-                    self._emit(pts, bool(flags & _FLAG_KEY), payload)
+                if kind == WIRE_KIND_UNIT:
+                    self._emit(pts, bool(flags & WIRE_FLAG_KEY), payload)
             code = await self._process.wait()
             if code != 0 and not self._tasks.closed:
                 tail = self._stderr_tail.decode(errors="replace").strip().splitlines()[-3:]
@@ -365,82 +365,3 @@ class H264Reencoder:
                 self.on_item(config)
         if self._config is not None:
             self.on_item(VideoAccessUnit(pts, pts, keyframe, nalus))
-
-
-def _worker(settings: ReencodeSettings, stdin: BinaryIO, stdout: BinaryIO) -> None:
-    """The child process: decode Annex B access units, encode them again, until end or EOF."""
-    decoder = av.CodecContext.create("h264", "r")
-    decoder.thread_count = 1  # frame threads would add a frame of latency each
-    encoder: Any = None
-    time_base = Fraction(1, 1000)
-
-    def write(kind: int, flags: int, pts: int, payload: bytes) -> None:
-        stdout.write(_HEADER.pack(kind, flags, pts, pts, len(payload)) + payload)
-
-    def encode(frame: av.VideoFrame | None, force: bool) -> None:
-        nonlocal encoder
-        if frame is not None and encoder is None:
-            encoder = av.CodecContext.create("libx264", "w")
-            encoder.width = settings.width or frame.width
-            encoder.height = settings.height or frame.height
-            encoder.pix_fmt = "yuv420p"
-            encoder.time_base = time_base
-            encoder.framerate = Fraction(settings.fps)
-            encoder.bit_rate = settings.bitrate
-            encoder.gop_size = settings.keyint
-            encoder.max_b_frames = 0
-            encoder.options = {"profile": "baseline", "preset": settings.preset, "tune": "zerolatency",
-                               "forced-idr": "1", "threads": str(settings.threads),
-                               "x264-params": "repeat-headers=1:aud=0"}
-        if encoder is None:
-            return
-        if frame is not None:
-            pts = frame.pts
-            frame = frame.reformat(encoder.width, encoder.height, "yuv420p")
-            frame.pts = pts
-            frame.time_base = time_base
-            frame.pict_type = av.video.frame.PictureType.I if force else av.video.frame.PictureType.NONE
-        for packet in encoder.encode(frame):
-            write(_KIND_UNIT, _FLAG_KEY if packet.is_keyframe else 0, int(packet.pts or 0), bytes(packet))
-        stdout.flush()
-
-    force = False
-    while True:
-        header = stdin.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            break
-        kind, flags, pts, dts, length = _HEADER.unpack(header)
-        if kind == _KIND_END:
-            break
-        data = stdin.read(length)
-        if len(data) < length:
-            break
-        force = force or bool(flags & _FLAG_KEY)
-        packet = av.Packet(data)
-        packet.pts, packet.dts, packet.time_base = pts, dts, time_base
-        try:
-            frames = decoder.decode(packet)
-        except av.FFmpegError:
-            continue  # a damaged picture: skip it, the next keyframe repairs the picture
-        for frame in frames:
-            encode(frame, force)
-            force = False
-    for frame in decoder.decode(None):
-        encode(frame, False)
-    encode(None, False)
-
-
-def _worker_main() -> None:
-    settings = ReencodeSettings(**json.loads(sys.argv[1]))
-    stdout = sys.stdout.buffer
-    try:
-        _worker(settings, sys.stdin.buffer, stdout)
-    except Exception as e:
-        message = f"re-encode worker failed: {e!r}".encode()
-        stdout.write(_HEADER.pack(_KIND_ERROR, 0, 0, 0, len(message)) + message)
-        stdout.flush()
-        raise SystemExit(1) from None
-
-
-if __name__ == "__main__":
-    _worker_main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import struct
 import subprocess
@@ -119,7 +120,11 @@ def decodable_frames(config: VideoConfig, units: list[VideoAccessUnit]) -> int:
 
 
 def have_srt_library() -> bool:
-    return os.path.exists("/usr/lib/x86_64-linux-gnu/libsrt-gnutls.so.1.5")
+    try:
+        ctypes.CDLL("libsrt-gnutls.so.1.5")
+    except OSError:
+        return False
+    return True
 
 
 class RawRtmpClient:

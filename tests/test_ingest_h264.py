@@ -195,3 +195,19 @@ def test_sps_truncated_everywhere_raises_protocol_error() -> None:
             h264.parse_sps(bytes(mutated))
         except ProtocolError:
             pass
+
+
+def test_needs_reencode() -> None:
+    baseline = h264.video_config(*_params(encode(160, 120, 1, {"bf": "0"}, profile="baseline")))
+    with_b = h264.video_config(*_params(encode(160, 120, 1, {"bf": "2"})))
+    assert not h264.needs_reencode(baseline)
+    assert h264.needs_reencode(with_b)
+    assert h264.needs_reencode(baseline, VideoAccessUnit(66, 33, False, [b"\x41"]))  # reordering seen at run time
+    assert not h264.needs_reencode(baseline, VideoAccessUnit(33, 33, False, [b"\x41"]))
+    assert h264.needs_reencode(baseline, accepted=frozenset({"high"}))
+
+
+def _params(packets: list[av.Packet]) -> tuple[list[bytes], list[bytes]]:
+    nalus = h264.split_annexb(bytes(packets[0]))
+    return ([n for n in nalus if h264.nal_type(n) == h264.NAL_SPS],
+            [n for n in nalus if h264.nal_type(n) == h264.NAL_PPS])

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from chorus.ingest import amf0, h264
 from chorus.ingest.errors import IngestError, LimitError, ProtocolError, UnauthorizedError
-from chorus.ingest.media import PublishSession
-from chorus.ingest.rtmp import RefusedConnection, RtmpLimits, RtmpServer
+from chorus.ingest.media import PublishSession, RefusedConnection
+from chorus.ingest.rtmp import RtmpLimits, RtmpServer
 from ingest_util import (
     Collector,
     RawRtmpClient,
@@ -445,4 +445,22 @@ async def test_hevc_over_enhanced_rtmp_is_refused_as_unsupported(rtmp: Harness) 
     client.message(6, 9, 1, bytes([0x90]) + b"hvc1" + bytes(20))  # IsExHeader, key frame, SequenceStart, HEVC
     await sink.wait(lambda: sink.reason is not None)
     assert sink.reason is not None and sink.reason.code == "unsupported_codec"
+    client.close()
+
+
+async def test_acknowledgements_follow_the_peers_window(rtmp: Harness) -> None:
+    client = await RawRtmpClient.connect(rtmp.server.port)
+    await client.publish("live", KEY)
+    await rtmp.wait_sink()
+    client.message(2, 5, 0, (5000).to_bytes(4, "big"))  # Window Acknowledgement Size: ack every 5000 bytes
+    client.message(4, 8, 1, b"\xaf\x00" + AAC_ASC)
+    for i in range(40):
+        client.message(4, 8, 1, b"\xaf\x01" + bytes(500), timestamp=i * 21)
+    acks = []
+    async with asyncio.timeout(5):
+        while len(acks) < 3:
+            type_id, _, body = await client.read_message()
+            if type_id == 3:
+                acks.append(int.from_bytes(body, "big"))
+    assert acks == sorted(acks) and acks[1] - acks[0] >= 5000
     client.close()

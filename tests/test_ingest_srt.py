@@ -12,8 +12,7 @@ import pytest
 from chorus.ingest import h264
 from chorus.ingest.errors import LimitError, ProtocolError, UnauthorizedError
 from chorus.ingest.keys import StreamKeys
-from chorus.ingest.media import PublishSession
-from chorus.ingest.rtmp import RefusedConnection
+from chorus.ingest.media import PublishSession, RefusedConnection
 from chorus.ingest.srt import SrtLimits, SrtServer, parse_streamid
 from ingest_util import (
     Collector,
