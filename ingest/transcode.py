@@ -73,8 +73,8 @@ class AacToOpus:
     :param on_packet: called on the event loop with each Opus packet, in order.
     :param on_error: called on the event loop once if the worker fails (it then stops).
 
-    Lifecycle: *running* (created: the thread starts) → *closed* (:meth:`close`: queued input is dropped, the
-    thread joined). ``push`` after ``close`` is ignored.
+    Lifecycle: *running* (created, on the event loop: the thread starts) → *closed* (:meth:`close`: queued input
+    is dropped, the thread joined). ``push`` after ``close`` is ignored.
     """
 
     def __init__(self, on_packet: Callable[[OpusPacket], None], *, bitrate: int = 64_000,
