@@ -7,13 +7,13 @@ STAMP := $(VENV)/.installed
 APT_STAMP := .apt-installed
 SYSTEM_PACKAGES := chromium coturn redis-server docker-compose iproute2
 # Streaming tools for the ingest and egress tests, without their recommended packages.
-MEDIA_PACKAGES := ffmpeg
+MEDIA_PACKAGES := ffmpeg srt-tools libsrt1.5-gnutls
 
 .PHONY: run run-cluster test install system-deps lint clean fuzz soak bench bench-deps
 
 # The package folders are prerequisites: a file added to or removed from one changes the folder, and the
 # strict editable install (links to each file, see pyproject.toml) must then be made again.
-PACKAGE_DIRS := sfu/ signaling/ turn/ web/ web/vendor/hls.js/ bench/ bench/native/ egress/
+PACKAGE_DIRS := sfu/ signaling/ turn/ web/ web/vendor/hls.js/ bench/ bench/native/ egress/ ingest/
 $(STAMP): pyproject.toml $(PACKAGE_DIRS)
 	@# Debian's own python3 needs python3-venv for this; install it when missing.
 	python3 -m venv $(VENV) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
