@@ -28,6 +28,18 @@ What is used, and why:
   ``Connection._nominated`` pair with its protocol's UDP transport, to do the same synchronously;
   ``RTCDtlsTransport._rx_srtp`` and ``Connection._protocols`` for the benchmark's receive fast path.
 * ``OpusEncoder.codec`` — the libopus context of aiortc's encoder, to set the MCU mix's bit rate.
+* ``RTCRtpTransceiver._headerExtensions`` and the ``rtcpFeedback`` of ``_codecs`` — edited per transceiver
+  between ``setRemoteDescription`` and ``createAnswer``/``createOffer``, to negotiate what aiortc does not offer:
+  the RID, repaired-RID and transport-wide-cc header extensions, and ``transport-cc`` feedback (simulcast and
+  congestion control, see ``sfu/publish.py`` and ``sfu/subscribe.py``).
+* ``RTCDtlsTransport._handle_rtp_data`` / ``_handle_rtcp_data`` — replaced *on the instance* to see every
+  decrypted RTP/RTCP datagram of a connection first: arrival times for transport-cc feedback, routing of
+  simulcast streams by MID/RID, and transport-cc feedback from subscribers (aiortc parses it as a NACK);
+  ``RTCDtlsTransport._rtp_header_extensions_map`` and ``_rtp_router`` (its ``route_rtp`` and ``ssrc_table``) to
+  parse and route packets as aiortc would, and to make learned simulcast SSRCs' sender reports reach the
+  receiver; ``_send_rtp`` to send RTCP (it protects RTCP too).
+* ``RTCRtpReceiver._send_rtcp_nack`` / ``__rtcp_ssrc`` — NACKs from Chorus's own receive path, and the SSRC its
+  feedback is sent from.
 * ``aioice.ice.get_host_addresses`` — to choose which host addresses the server advertises (aioice leaves
   loopback out, which a local browser needs).
 * ``aioice.ice.StunProtocol.datagram_received`` and ``Connection._check_list`` — wrapped/read so a
@@ -50,7 +62,7 @@ from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
-from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpHeaderExtensionParameters
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import AnyRtcpPacket, HeaderExtensionsMap, RtpPacket
 
@@ -73,6 +85,8 @@ _RECEIVER_ATTRS = (
     "_RTCRtpReceiver__decoder_thread",
     "_RTCRtpReceiver__decoder_queue",
     "_RTCRtpReceiver__remote_streams",
+    "_RTCRtpReceiver__rtcp_ssrc",
+    "_send_rtcp_nack",
 )
 _SENDER_ATTRS = (
     "_handle_rtcp_packet",
@@ -120,13 +134,17 @@ async def check() -> None:
         for attr in _SENDER_ATTRS:
             if not hasattr(transceiver.sender, attr):
                 problems.append(f"RTCRtpSender.{attr} is missing")
-        for attr in ("_codecs",):
+        for attr in ("_codecs", "_headerExtensions"):
             if not hasattr(transceiver, attr):
                 problems.append(f"RTCRtpTransceiver.{attr} is missing")
         dtls = transceiver.sender.transport
-        for attr in ("_state", "_tx_srtp", "_rx_srtp"):
+        for attr in ("_state", "_tx_srtp", "_rx_srtp", "_handle_rtp_data", "_handle_rtcp_data",
+                     "_rtp_header_extensions_map", "_rtp_router"):
             if not hasattr(dtls, attr):
                 problems.append(f"RTCDtlsTransport.{attr} is missing")
+        for attr in ("route_rtp", "ssrc_table"):
+            if not hasattr(getattr(dtls, "_rtp_router", None), attr):
+                problems.append(f"aiortc RtpRouter.{attr} is missing")
         connection = getattr(dtls.transport, "_connection", None)
         for attr in ("_nominated", "_check_list", "_protocols"):
             if not hasattr(connection, attr):
@@ -231,6 +249,11 @@ def hook_receiver_rtp(receiver: RTCRtpReceiver, handler: RtpHandler) -> RtpHandl
     return original
 
 
+async def receiver_handle_rtp(receiver: RTCRtpReceiver, packet: RtpPacket, arrival_time_ms: int) -> None:
+    """Run aiortc's own receive path for ``packet`` (statistics, NACKs, jitter buffer, decoding)."""
+    await RTCRtpReceiver._handle_rtp_packet(receiver, packet, arrival_time_ms)
+
+
 def unhook_receiver_rtp(receiver: RTCRtpReceiver) -> None:
     """Undo :func:`hook_receiver_rtp` (drops the reference to the handler and what it holds)."""
     receiver.__dict__.pop("_handle_rtp_packet", None)
@@ -251,6 +274,17 @@ def receiver_rtx_ssrcs(receiver: RTCRtpReceiver) -> dict[int, int]:
 async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
     """Ask the publisher behind ``receiver`` for a keyframe (RTCP PLI)."""
     await receiver._send_rtcp_pli(media_ssrc)
+
+
+async def send_nack(receiver: RTCRtpReceiver, media_ssrc: int, lost: list[int]) -> None:
+    """Ask the publisher behind ``receiver`` to retransmit ``lost`` sequence numbers of ``media_ssrc`` (NACK)."""
+    await receiver._send_rtcp_nack(media_ssrc, lost)
+
+
+def receiver_rtcp_ssrc(receiver: RTCRtpReceiver) -> int | None:
+    """The SSRC the receiver's RTCP feedback is sent from (set once the receiver started)."""
+    ssrc: int | None = receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+    return ssrc
 
 
 def receiver_streams(receiver: RTCRtpReceiver) -> dict[int, StreamStatistics]:
@@ -329,6 +363,82 @@ def transceiver_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParame
     """The codecs negotiated for a transceiver, preferred first (the first one is what is sent)."""
     codecs: list[RTCRtpCodecParameters] = transceiver._codecs
     return codecs
+
+
+def add_header_extensions(transceiver: RTCRtpTransceiver, extensions: dict[str, int]) -> None:
+    """
+    Negotiate more header extensions on ``transceiver`` (``uri`` → ``id``), as if aiortc supported them: they are
+    written in the next answer or offer, and parsed into ``packet.extensions`` once the transceiver starts. Call
+    between ``setRemoteDescription`` and ``createAnswer`` (or before ``createOffer``). Present URIs are kept.
+    """
+    present = {ext.uri for ext in transceiver._headerExtensions}
+    for uri, ext_id in extensions.items():
+        if uri not in present:
+            transceiver._headerExtensions.append(RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri))
+
+
+def set_rtcp_feedback(transceiver: RTCRtpTransceiver, *, add: str | None = None, remove: str | None = None) -> None:
+    """Add or remove an ``a=rtcp-fb`` type (e.g. ``transport-cc``, ``goog-remb``) on every negotiated codec of
+    ``transceiver`` but RTX; call at the same point as :func:`add_header_extensions`."""
+    for codec in transceiver._codecs:
+        if codec.mimeType.lower().endswith("/rtx"):
+            continue
+        feedback = [fb for fb in codec.rtcpFeedback if fb.type != remove]
+        if add is not None and not any(fb.type == add for fb in feedback):
+            feedback.append(RTCRtcpFeedback(type=add))
+        codec.rtcpFeedback = feedback
+
+
+# --- a connection's datagrams (transport-cc, simulcast routing) ------------------------------------------------
+
+RtpDataHandler = Callable[[bytes, int], Awaitable[None]]
+RtcpDataHandler = Callable[[bytes], Awaitable[None]]
+
+
+def hook_transport_rtp(dtls: RTCDtlsTransport, handler: RtpDataHandler) -> RtpDataHandler:
+    """Route every decrypted RTP datagram of ``dtls`` (``data, arrival_time_ms``) through ``handler``; returns
+    aiortc's own handler (parse, route to a receiver), for what ``handler`` does not take."""
+    original: RtpDataHandler = dtls._handle_rtp_data
+    dtls._handle_rtp_data = handler  # type: ignore[method-assign,assignment]
+    return original
+
+
+def hook_transport_rtcp(dtls: RTCDtlsTransport, handler: RtcpDataHandler) -> RtcpDataHandler:
+    """Route every decrypted RTCP datagram of ``dtls`` through ``handler``; returns aiortc's own handler."""
+    original: RtcpDataHandler = dtls._handle_rtcp_data
+    dtls._handle_rtcp_data = handler  # type: ignore[method-assign,assignment]
+    return original
+
+
+def unhook_transport(dtls: RTCDtlsTransport) -> None:
+    """Undo :func:`hook_transport_rtp` and :func:`hook_transport_rtcp`."""
+    dtls.__dict__.pop("_handle_rtp_data", None)
+    dtls.__dict__.pop("_handle_rtcp_data", None)
+
+
+def parse_rtp(dtls: RTCDtlsTransport, data: bytes) -> RtpPacket:
+    """Parse an RTP datagram with the connection's negotiated header extension IDs.
+
+    :raises ValueError: not a valid RTP packet."""
+    return RtpPacket.parse(data, dtls._rtp_header_extensions_map)
+
+
+def route_rtp(dtls: RTCDtlsTransport, packet: RtpPacket) -> RTCRtpReceiver | None:
+    """The receiver aiortc would hand ``packet`` to (by SSRC, else by a payload type unique to one receiver)."""
+    receiver = dtls._rtp_router.route_rtp(packet)
+    return receiver if isinstance(receiver, RTCRtpReceiver) else None
+
+
+def register_ssrc(dtls: RTCDtlsTransport, ssrc: int, receiver: RTCRtpReceiver) -> None:
+    """Tell aiortc's router that ``ssrc`` belongs to ``receiver`` (so that its sender reports reach it)."""
+    dtls._rtp_router.ssrc_table[ssrc] = receiver
+
+
+async def send_rtcp(dtls: RTCDtlsTransport, data: bytes) -> None:
+    """SRTCP-protect and send serialized RTCP on a connection.
+
+    :raises ConnectionError: the connection is not (or no longer) connected."""
+    await dtls._send_rtp(data)
 
 
 def direct_rtp_sender(sender: RTCRtpSender) -> Callable[[bytes], None] | None:

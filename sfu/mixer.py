@@ -517,7 +517,7 @@ class VideoCompositor(MixedStream):
     def remove_source(self, producer_id: str) -> None:
         self._readers.remove(producer_id)
 
-    def request_keyframe(self) -> None:
+    def request_keyframe(self, layer: int | None = None) -> None:
         self._keyframe_wanted = True
 
     def start(self) -> None:

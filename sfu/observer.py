@@ -64,3 +64,6 @@ class RouterObserver(Protocol):
 
     def source_removed(self, track: TrackInfo) -> None:
         """A published track ended (unpublished, or its participant left)."""
+
+    def layers_wanted(self, track: TrackInfo, rids: list[str]) -> None:
+        """Which simulcast layers (RIDs) of ``track`` its publisher should keep sending; the others nobody needs."""

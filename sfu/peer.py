@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from .consumer import Consumer
-from .errors import InvalidStateError
+from .errors import InvalidStateError, NotFoundError
 from .logs import PeerLogger
 from .observer import SubscribeOffer
 from .producer import Producer
@@ -20,6 +20,8 @@ class PeerHost(Protocol):
     def source_added(self, peer: Peer, producer: Producer) -> None: ...
 
     def source_closed(self, peer: Peer, producer: Producer) -> None: ...
+
+    def layers_wanted(self, peer: Peer, producer: Producer, rids: list[str]) -> None: ...
 
     def send_offer(self, peer: Peer, offer: SubscribeOffer) -> None: ...
 
@@ -52,6 +54,7 @@ class Peer:
             peer_id, log=log, on_failed=self._fail,
             on_source_added=lambda producer: host.source_added(self, producer),
             on_source_closed=lambda producer: host.source_closed(self, producer),
+            on_layers_wanted=lambda producer, rids: host.layers_wanted(self, producer, rids),
         )
         self.subscriber = SubscribeTransport(
             peer_id, log=log, on_failed=self._fail, send_offer=lambda offer: host.send_offer(self, offer)
@@ -102,6 +105,35 @@ class Peer:
 
         :raises NotFoundError: the peer publishes no such track."""
         return self.publisher.set_muted(producer_id, muted)
+
+    def set_preferences(self, track_id: str, *, max_height: int | None, paused: bool) -> Consumer:
+        """
+        How the viewer shows a track it receives: ``max_height`` device pixels tall (``None``: no limit), or not at
+        all (``paused``). The layer it gets follows at the next allocation.
+
+        :raises NotFoundError: this peer receives no such track.
+        """
+        consumer = next((c for c in self.consumers.values() if c.source.id == track_id), None)
+        if consumer is None:
+            raise NotFoundError(f"you receive no track {track_id!r}")
+        consumer.max_height = max_height
+        consumer.viewer_paused = paused
+        consumer.priority = max_height or 0
+        if consumer.kind == "audio":
+            consumer.suspend(paused)
+        return consumer
+
+    def details(self) -> dict[str, Any]:
+        """Everything about the participant for the admin API: its tracks with their simulcast layers, and what
+        it receives with the bandwidth estimate and each consumer's layer and reason."""
+        return {
+            **self.describe(),
+            "publish": {"transport_cc": self.publisher.transport_cc,
+                        "tracks": [{"id": p.id, "kind": p.kind, "codec": p.codec.mimeType,
+                                    "layers": p.describe_layers(), "publish_layers": p.publish_top + 1}
+                                   for p in self.producers.values()]},
+            "subscribe": self.subscriber.describe(),
+        }
 
     def consume(self, source: Source) -> Consumer:
         """Start forwarding ``source`` to this peer.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import stats
@@ -23,6 +23,12 @@ class RouterCounts:
     producers: Counter[str]
     #: kind → forwarded tracks (one per subscriber)
     consumers: Counter[str]
+    #: video consumers by the simulcast layer sent ("0", "1", "2"; "none" while nothing is)
+    video_layers: Counter[str] = field(default_factory=Counter)
+    #: video consumers of adaptive sources by the reason for their layer
+    reasons: Counter[str] = field(default_factory=Counter)
+    #: each subscribe connection's bandwidth estimate (bps), where it has one
+    estimates: list[int] = field(default_factory=list)
 
 
 def track_info(producer: Producer) -> TrackInfo:
@@ -96,14 +102,24 @@ class Router:
 
     def describe(self) -> dict[str, Any]:
         """The room's media plane for the admin API."""
-        return {"participants": self.describe_peers()}
+        return {"participants": [p.details() for p in self._peers.values()]}
+
+    def set_preferences(self, peer_id: str, track_id: str, *, max_height: int | None, paused: bool) -> None:
+        """A participant says how it shows a track it receives (see :meth:`Peer.set_preferences`).
+
+        :raises NotFoundError: no such participant, or it receives no such track."""
+        self.peer(peer_id).set_preferences(track_id, max_height=max_height, paused=paused)
 
     def counts(self) -> RouterCounts:
         peers = list(self._peers.values())
+        video = [c for peer in peers for c in peer.consumers.values() if c.kind == "video"]
         return RouterCounts(
             len(peers),
             Counter(p.kind for peer in peers for p in peer.producers.values()),
             Counter(c.kind for peer in peers for c in peer.consumers.values()),
+            Counter("none" if c.layer is None else str(c.layer) for c in video),
+            Counter(c.reason for c in video if c.source.layer_count > 1),
+            [p.subscriber.bandwidth.estimate_bps for p in peers if p.subscriber.bandwidth.mode != "none"],
         )
 
     def live_totals(self) -> Counter[str]:
@@ -140,6 +156,9 @@ class Router:
 
     def source_closed(self, peer: Peer, producer: Producer) -> None:
         self._observer.source_removed(track_info(producer))
+
+    def layers_wanted(self, peer: Peer, producer: Producer, rids: list[str]) -> None:
+        self._observer.layers_wanted(track_info(producer), rids)
 
     def send_offer(self, peer: Peer, offer: SubscribeOffer) -> None:
         self._observer.send_offer(peer.id, offer)

@@ -109,13 +109,20 @@ class RtpWriter:
     would with that subscriber's header-extension IDs, but without building a packet object and an
     extension list per send. The MID element never changes and is built once.
 
-    :param mid_id, abs_send_time_id, audio_level_id: negotiated one-byte extension IDs, 0/None if absent.
+    With ``transport_cc_id`` each packet also carries a transport-wide sequence number (draft-holmer-rmcat-
+    transport-wide-cc-extensions-01 §2), given per write; :attr:`transport_cc_at` is where its two bytes are in
+    the last packet written, so a retransmission can be renumbered in place.
+
+    :param mid_id, abs_send_time_id, audio_level_id, transport_cc_id: negotiated one-byte extension IDs, 0/None
+        if absent.
     """
 
-    __slots__ = ("payload_type", "ssrc", "_mid_element", "_abs_prefix", "_audio_id")
+    __slots__ = ("payload_type", "ssrc", "_mid_element", "_abs_prefix", "_audio_id", "_twcc_prefix",
+                 "transport_cc_at")
 
     def __init__(self, payload_type: int, ssrc: int, *, mid: str | None, mid_id: int | None,
-                 abs_send_time_id: int | None, audio_level_id: int | None) -> None:
+                 abs_send_time_id: int | None, audio_level_id: int | None,
+                 transport_cc_id: int | None = None) -> None:
         self.payload_type = payload_type
         self.ssrc = ssrc
         encoded = (mid or "").encode()
@@ -123,16 +130,31 @@ class RtpWriter:
                              if mid_id and 0 < len(encoded) <= 16 else b"")
         self._abs_prefix = bytes([(abs_send_time_id << 4) | 2]) if abs_send_time_id else b""
         self._audio_id = audio_level_id or 0
+        self._twcc_prefix = bytes([(transport_cc_id << 4) | 1]) if transport_cc_id else b""
+        #: Offset of the transport-wide sequence number in the last packet written (-1: none).
+        self.transport_cc_at = -1
 
-    def write(self, packet: RtpPacket, seq: int, timestamp: int, abs_send_time: bytes | None) -> bytes:
+    @property
+    def transport_cc(self) -> bool:
+        return bool(self._twcc_prefix)
+
+    def write(self, packet: RtpPacket, seq: int, timestamp: int, abs_send_time: bytes | None,
+              payload: bytes | None = None, transport_seq: int | None = None) -> bytes:
         """``packet`` with this subscriber's payload type, SSRC and extensions, and the given sequence number
-        and timestamp; ``abs_send_time`` is the 3-byte extension value (shared by all subscribers)."""
+        and timestamp; ``abs_send_time`` is the 3-byte extension value (shared by all subscribers); ``payload``
+        replaces the packet's (e.g. a rewritten VP8 descriptor); ``transport_seq`` is written when the
+        subscriber negotiated transport-cc."""
         extensions = self._mid_element
         if abs_send_time is not None and self._abs_prefix:
             extensions += self._abs_prefix + abs_send_time
         level = packet.extensions.audio_level
         if level is not None and self._audio_id:
             extensions += bytes([self._audio_id << 4, (0x80 if level[0] else 0) | (level[1] & 0x7F)])
+        twcc_at = -1
+        if transport_seq is not None and self._twcc_prefix:
+            twcc_at = 12 + 4 + len(extensions) + 1
+            extensions += self._twcc_prefix + (transport_seq & 0xFFFF).to_bytes(2, "big")
+        self.transport_cc_at = twcc_at
         first = 0x80
         if extensions:
             first |= 0x10
@@ -142,7 +164,25 @@ class RtpWriter:
         if padding:
             first |= 0x20
         data = _RTP_HEADER.pack(first, (packet.marker << 7) | self.payload_type, seq, timestamp, self.ssrc)
-        data += extensions + packet.payload
+        data += extensions + (packet.payload if payload is None else payload)
         if padding:
             data += bytes(padding - 1) + bytes([padding])
         return data
+
+    def padding(self, seq: int, timestamp: int, abs_send_time: bytes | None, size: int,
+                transport_seq: int | None = None) -> bytes:
+        """A padding-only packet (RFC 3550 §5.1: P bit, no payload, ``size`` bytes of padding, 1..255) — what
+        bandwidth probes are made of."""
+        extensions = self._mid_element
+        if abs_send_time is not None and self._abs_prefix:
+            extensions += self._abs_prefix + abs_send_time
+        if transport_seq is not None and self._twcc_prefix:
+            extensions += self._twcc_prefix + (transport_seq & 0xFFFF).to_bytes(2, "big")
+        first = 0xA0  # version 2, P
+        if extensions:
+            first |= 0x10
+            extensions += b"\x00" * (-len(extensions) % 4)
+            extensions = _EXT_HEADER.pack(0xBEDE, len(extensions) // 4) + extensions
+        size = max(1, min(size, 255))
+        return (_RTP_HEADER.pack(first, self.payload_type, seq, timestamp, self.ssrc) + extensions
+                + bytes(size - 1) + bytes([size]))

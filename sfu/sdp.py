@@ -57,3 +57,40 @@ def parse_candidate(candidate: dict[str, Any]) -> RTCIceCandidate | None:
     if ice.sdpMid is None and ice.sdpMLineIndex is None:
         ice.sdpMLineIndex = 0
     return ice
+
+
+def offer_transport_cc(sdp: str, ext_id: int) -> str:
+    """
+    A subscribe offer written by aiortc, with transport-wide congestion control offered on every audio and video
+    m-section: the transport-wide-cc ``a=extmap`` (``ext_id``, one ID for the whole bundle) and
+    ``a=rtcp-fb:<pt> transport-cc`` for each payload type but RTX (aiortc offers neither).
+    """
+    newline = "\r\n" if "\r\n" in sdp else "\n"
+    out: list[str] = []
+    section: list[str] = []
+
+    def flush() -> None:
+        if section and section[0].startswith(("m=audio", "m=video")):
+            rtx = {line.split()[0][9:] for line in section
+                   if line.startswith("a=rtpmap:") and line.split()[-1].lower().startswith("rtx/")}
+            payload_types = [pt for pt in section[0].split()[3:] if pt not in rtx]
+            anchor = max((i for i, line in enumerate(section) if line.startswith(("a=extmap:", "a=mid:"))), default=0)
+            section.insert(anchor + 1, f"a=extmap:{ext_id} {TRANSPORT_CC_URI}")
+            for pt in payload_types:
+                rtpmap = [i for i, line in enumerate(section)
+                          if line.startswith((f"a=rtpmap:{pt} ", f"a=rtcp-fb:{pt} "))]
+                if rtpmap:
+                    section.insert(max(rtpmap) + 1, f"a=rtcp-fb:{pt} transport-cc")
+        out.extend(section)
+        section.clear()
+
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            flush()
+        (section if section or line.startswith("m=") else out).append(line)
+    flush()
+    return newline.join(out) + newline
+
+
+#: The transport-wide congestion control header extension (draft-holmer-rmcat-transport-wide-cc-extensions-01).
+TRANSPORT_CC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"

@@ -41,7 +41,7 @@ class SeqManager:
 
     WINDOW = 0x2000
 
-    __slots__ = ("_base", "_max_in", "_max_out", "_floor", "_drops", "_pending", "late_drops")
+    __slots__ = ("_base", "_max_in", "_max_out", "_floor", "_drops", "_inserts", "_pending", "late_drops")
 
     def __init__(self, first_output: int | None = None) -> None:
         start = random.randint(0, 0xFFFF) if first_output is None else first_output & 0xFFFF
@@ -50,6 +50,7 @@ class SeqManager:
         self._max_out = start - 1  # so that the first packet gets ``start``
         self._floor = 0  # inputs below this belong to an earlier source
         self._drops: list[int] = []  # dropped unwrapped inputs, ascending
+        self._inserts: list[int] = []  # newest unwrapped input at each insert(), ascending
         self._pending = True  # the next input starts a source
         #: Drops that came too late to renumber around (each left a gap).
         self.late_drops = 0
@@ -67,6 +68,7 @@ class SeqManager:
         if self._pending:
             self._pending = False
             self._drops.clear()
+            self._inserts.clear()
             ext = self._floor = seq & 0xFFFF
             self._max_in = ext - 1  # so that this number counts as the newest, forwarded or dropped
             self._base = self._max_out + 1 - ext
@@ -91,10 +93,12 @@ class SeqManager:
             below = bisect_left(drops, ext)
             if below < len(drops) and drops[below] == ext:
                 return None  # dropped before (e.g. a retransmission of a dropped packet)
+        if self._inserts:
+            below -= bisect_left(self._inserts, ext)  # numbers taken by inserts before this input
         out = ext + self._base - below
         if ext > self._max_in:
             self._max_in = ext
-            if drops and drops[0] < ext - self.WINDOW:
+            if (drops and drops[0] < ext - self.WINDOW) or (self._inserts and self._inserts[0] < ext - self.WINDOW):
                 self._fold()
         if out > self._max_out:
             self._max_out = out
@@ -109,13 +113,31 @@ class SeqManager:
         elif ext >= self._floor and ext not in self._drops:
             self.late_drops += 1
 
+    def insert(self) -> int:
+        """
+        An output number for a packet that has no input (a padding packet probing the link): the one after the
+        last given. Inputs newer than every input seen so far move up by one to make room; a late older one
+        keeps its place.
+        """
+        self._max_out += 1
+        if self._pending:
+            # Nothing forwarded from the next source yet: its first packet simply follows this number.
+            return self._max_out & 0xFFFF
+        self._inserts.append(self._max_in)
+        return self._max_out & 0xFFFF
+
     def _fold(self) -> None:
-        """Drops older than the window can no longer be passed by an input: fold them into the base."""
-        drops = self._drops
+        """Drops and inserts older than the window can no longer be passed by an input: fold them into the
+        base."""
         limit = self._max_in - self.WINDOW
+        drops = self._drops
         n = bisect_left(drops, limit)
         del drops[:n]
         self._base -= n
+        inserts = self._inserts
+        n = bisect_left(inserts, limit)
+        del inserts[:n]
+        self._base += n
 
 
 class TimestampRebaser:

@@ -21,16 +21,24 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
 from .rtp import keyframe_detector
+from .vp8 import Vp8Descriptor
 
 
 class PacketMeta:
     """What :meth:`Source.forward` works out once per packet for all its sinks."""
 
-    __slots__ = ("keyframe", "ntp", "abs_send_time", "now")
+    __slots__ = ("keyframe", "ntp", "abs_send_time", "now", "layer", "temporal", "vp8")
 
-    def __init__(self, keyframe: bool, ntp: int, abs_send_time: bytes, now: float) -> None:
+    def __init__(self, keyframe: bool, ntp: int, abs_send_time: bytes, now: float, layer: int = 0,
+                 vp8: Vp8Descriptor | None = None) -> None:
         #: The packet starts a decodable picture (always true for audio).
         self.keyframe = keyframe
+        #: The simulcast layer (spatial index, 0 = lowest) the packet belongs to; 0 without simulcast.
+        self.layer = layer
+        #: The VP8 payload descriptor, parsed once for every sink (``None`` for other codecs).
+        self.vp8 = vp8
+        #: The temporal layer (VP8 TID), 0 when the stream has none.
+        self.temporal = (vp8.tid or 0) if vp8 is not None else 0
         #: NTP time (64-bit fixed point) of forwarding, for sender reports.
         self.ntp = ntp
         #: The 3-byte abs-send-time header extension value (6.18 fixed-point seconds of ``ntp``).
@@ -49,6 +57,11 @@ class Sink(Protocol):
 
     @property
     def id(self) -> str: ...
+
+    @property
+    def wanted_layer(self) -> int | None:
+        """The highest layer this sink may want (``None``: none at all). The publisher is asked to keep sending
+        the layers some sink wants; a sink that always wants the best returns ``layer_count - 1``."""
 
     def deliver(self, packet: RtpPacket, meta: PacketMeta) -> Awaitable[object] | None: ...
 
@@ -89,6 +102,29 @@ class Source:
     def sink_count(self) -> int:
         return len(self._sinks)
 
+    # Layers: a simulcast source has several (spatial index 0 = lowest resolution); others have one.
+
+    @property
+    def layer_count(self) -> int:
+        return 1
+
+    def layer_bitrate(self, layer: int) -> int:
+        """Bits per second the layer is arriving at (0 when unknown)."""
+        return 0
+
+    def layer_active(self, layer: int) -> bool:
+        """Whether the layer is being received now (a publisher may stop sending one)."""
+        return True
+
+    def layer_height(self, layer: int) -> int:
+        """The layer's picture height in pixels (0 when unknown)."""
+        return 0
+
+    def layer_temporal(self, layer: int) -> list[int]:
+        """Bits per second of each temporal layer of ``layer`` that the stream has (one entry without temporal
+        layers; empty when unknown)."""
+        return []
+
     def attach(self, sink: Sink) -> None:
         """Start delivering to ``sink`` (from the next packet)."""
         self._sinks[sink.id] = sink
@@ -99,8 +135,8 @@ class Source:
         if self._sinks.pop(sink.id, None) is not None:
             self._fanout = tuple(self._sinks.values())
 
-    def request_keyframe(self) -> None:
-        """A sink needs a decodable picture (a new subscriber, a lost one). No-op for audio."""
+    def request_keyframe(self, layer: int | None = None) -> None:
+        """A sink needs a decodable picture of ``layer`` (every layer when ``None``). No-op for audio."""
 
     def pause(self) -> None:
         """Stop delivering (the owner muted the track)."""
@@ -115,17 +151,19 @@ class Source:
             sink.restart()
         self.request_keyframe()
 
-    async def forward(self, packet: RtpPacket, keyframe: bool | None = None) -> None:
+    async def forward(self, packet: RtpPacket, keyframe: bool | None = None, layer: int = 0,
+                      vp8: Vp8Descriptor | None = None) -> None:
         """
-        Deliver ``packet`` to every sink. The work all sinks share is done here, once: whether the packet starts a
-        decodable picture (tested unless ``keyframe`` is given) and the send clocks.
+        Deliver ``packet`` (of simulcast ``layer``, with its parsed VP8 descriptor if any) to every sink. The work
+        all sinks share is done here, once: whether the packet starts a decodable picture (tested unless
+        ``keyframe`` is given) and the send clocks.
         """
         if self.paused or not self._fanout:
             return
         if keyframe is None:
             keyframe = self._is_keyframe is None or self._is_keyframe(packet.payload)
         ntp = clock.current_ntp_time()
-        meta = PacketMeta(keyframe, ntp, ((ntp >> 14) & 0x00FFFFFF).to_bytes(3, "big"), time.time())
+        meta = PacketMeta(keyframe, ntp, ((ntp >> 14) & 0x00FFFFFF).to_bytes(3, "big"), time.time(), layer, vp8)
         for sink in self._fanout:
             pending = sink.deliver(packet, meta)
             if pending is not None:

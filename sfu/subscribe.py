@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from typing import Any
 
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from . import aiortc_adapter as adapter
+from .allocator import INTERVAL, Candidate, Hysteresis, allocate, options, wanted_layer
+from .bandwidth import TRANSPORT_CC_ID, SubscriberBandwidth
 from .consumer import Consumer, IdleTrack
 from .errors import InvalidSdpError, InvalidStateError
 from .ids import new_id
 from .logs import PeerLogger
 from .observer import OfferedTrack, SubscribeOffer
 from .rtp import same_codec
-from .sdp import parse_sdp, strip_mdns_candidates
+from .sdp import TRANSPORT_CC_URI, offer_transport_cc, parse_sdp, strip_mdns_candidates
 from .source import Source
 from .transport import Transport, close_peer_connection
 
@@ -23,6 +28,8 @@ ANSWER_TIMEOUT = 15.0
 
 #: Inactive m-sections a subscribe connection may accumulate before it is replaced (see SubscribeTransport._compact).
 MAX_INACTIVE_SECTIONS = 16
+#: Probe padding is sent in steps this far apart (seconds), in packets of at most 255 bytes of padding.
+PROBE_STEP = 0.005
 
 
 class SubscribeTransport(Transport):
@@ -33,6 +40,13 @@ class SubscribeTransport(Transport):
     while one is in flight are folded into the next. A consumer whose source ended turns its m-section
     ``inactive`` (aiortc cannot remove m-sections) and sends RTCP BYE, which ends the track at the subscriber at
     once; past :data:`MAX_INACTIVE_SECTIONS` the live consumers move to a fresh connection (:meth:`_compact`).
+
+    **Adapting to the network.** Every offer proposes transport-wide congestion control; a subscriber that
+    accepts it (browsers) gets a transport-wide sequence number on every packet and its feedback drives a
+    bandwidth estimate (:class:`~.bandwidth.SubscriberBandwidth`), which probes with padding when the viewers
+    want more than it allows. Every :data:`~.allocator.INTERVAL` the estimate is shared out among the video
+    consumers (:func:`~.allocator.allocate`): each gets the simulcast layer and temporal layer it can afford,
+    never more than the size at which it is shown, audio first.
 
     Lifecycle: as :class:`~.transport.Transport`; the client closing its side, or not answering within
     :data:`ANSWER_TIMEOUT`, is a failure (``on_failed``).
@@ -55,6 +69,14 @@ class SubscribeTransport(Transport):
         self._negotiation_task: asyncio.Task[None] | None = None
         self._answer: asyncio.Future[None] | None = None
         self._inactive_sections = 0
+        self.bandwidth = SubscriberBandwidth()
+        self._memory: dict[str, Hysteresis] = {}
+        self._hooked: RTCDtlsTransport | None = None
+        self._adapting: asyncio.Task[None] | None = None
+        self._probing: asyncio.Task[None] | None = None
+        #: The last allocation: what it used and what the viewers want (bps).
+        self.used_bps = 0
+        self.wanted_bps = 0
 
     # --- consumers -------------------------------------------------------------------------------------
 
@@ -77,8 +99,10 @@ class SubscribeTransport(Transport):
         # One media stream per publishing peer, so a browser groups (and lip-syncs) its audio and video.
         adapter.set_sender_stream(transceiver.sender, stream_id=source.peer_id, track_id=source.id)
         consumer = Consumer(new_id("c"), source, self.peer_id, transceiver,
-                            on_source_closed=self._source_closed, log=self._log)
+                            on_source_closed=self._source_closed, bandwidth=self.bandwidth, log=self._log)
         self.consumers[consumer.id] = consumer
+        if source.kind == "video" and self._adapting is None:
+            self._adapting = self._tasks.spawn(self._adapt(), name=f"adapt {self.peer_id}")
         self._log.debug("consumer created", consumer=consumer.id, source=source.id)
         return consumer
 
@@ -135,9 +159,11 @@ class SubscribeTransport(Transport):
                 if pc.signalingState == "closed":
                     return  # the client closed it: the peer is on its way out (see _closed_by_client)
                 await pc.setLocalDescription(await pc.createOffer())
+                self._hook(pc)
                 tracks = [OfferedTrack(c.mid, c.source.id, c.source.peer_id, c.kind) for c in self.consumers.values()]
                 self._answer = asyncio.get_running_loop().create_future()
-                self._send_offer(SubscribeOffer(pc.localDescription.sdp, tracks, restart))
+                offer = offer_transport_cc(pc.localDescription.sdp, TRANSPORT_CC_ID)
+                self._send_offer(SubscribeOffer(offer, tracks, restart))
                 try:
                     await asyncio.wait_for(asyncio.shield(self._answer), ANSWER_TIMEOUT)
                 except TimeoutError:
@@ -162,6 +188,8 @@ class SubscribeTransport(Transport):
             raise InvalidStateError("no subscribe offer is pending")
         answer_sdp = strip_mdns_candidates(answer_sdp)
         parse_sdp(answer_sdp)
+        if f"a=extmap:{TRANSPORT_CC_ID} {TRANSPORT_CC_URI}" in answer_sdp and not self.bandwidth.transport_cc:
+            self.bandwidth.mode = "transport-cc"  # before the senders start: they number packets from the first
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
         except Exception as exc:
@@ -169,12 +197,108 @@ class SubscribeTransport(Transport):
         if self._answer is not None and not self._answer.done():
             self._answer.set_result(None)
 
+    # --- adapting to the network ------------------------------------------------------------------------
+
+    def _hook(self, pc: RTCPeerConnection) -> None:
+        """See the subscriber's raw RTCP (transport-cc feedback, REMB) before aiortc does."""
+        transceivers = pc.getTransceivers()
+        dtls = transceivers[0].sender.transport if transceivers else None
+        if dtls is None or dtls is self._hooked:
+            return
+        self._hooked = dtls
+        original = adapter.hook_transport_rtcp(dtls, lambda data: self._on_rtcp(data, original))
+
+    async def _on_rtcp(self, data: bytes, original: adapter.RtcpDataHandler) -> None:
+        self.bandwidth.rtcp(data)
+        await original(data)
+
+    def _video(self) -> list[Consumer]:
+        return [c for c in self.consumers.values() if c.kind == "video" and not c.closed]
+
+    async def _adapt(self) -> None:
+        """Every :data:`~.allocator.INTERVAL`: share the estimate out among the video consumers; start probes."""
+        while not self.closed:
+            await asyncio.sleep(INTERVAL)
+            try:
+                self.allocate()
+            except Exception:  # a bug here must not stop media
+                self._log.error("allocation failed", exc_info=True)
+            if self.bandwidth.transport_cc and (self._probing is None or self._probing.done()):
+                due = self.bandwidth.padding_due(self.bandwidth.bwe.sent_bps or 0)
+                if due:
+                    self._probing = self._tasks.spawn(self._probe(due), name=f"probe {self.peer_id}")
+
+    def allocate(self) -> None:
+        """Set each video consumer's target layer from the bandwidth estimate and the viewer's size."""
+        video = self._video()
+        adaptive = [c for c in video if c.source.layer_count > 1 or len(c.source.layer_temporal(0)) > 1]
+        for consumer in video:
+            consumer.wanted_layer = None if consumer.viewer_paused else wanted_layer(consumer.source,
+                                                                                        consumer.max_height)
+        if not adaptive:
+            return
+        candidates = []
+        for consumer in adaptive:
+            opts = options(consumer.source, consumer.max_height, consumer.viewer_paused or consumer.source.paused)
+            current = next((i for i, o in enumerate(opts)
+                            if o.layer == consumer.layer and o.temporal == consumer.target_temporal), None)
+            candidates.append(Candidate(consumer.id, consumer.priority, opts, current))
+        fixed = sum(c.source.layer_bitrate(0) or 64_000 for c in self.consumers.values()
+                    if c.kind == "audio" or c not in adaptive)
+        result = allocate(self.bandwidth.estimate_bps, fixed, candidates, self._memory, time.monotonic())
+        for candidate in candidates:
+            target = self.consumers.get(candidate.id)
+            decision = result.decisions[candidate.id]
+            if target is None:
+                continue
+            consumer = target
+            if decision.index is None:
+                consumer.set_target(consumer.target_layer, consumer.target_temporal, decision.reason)
+                consumer.suspend(True)
+                continue
+            option = candidate.options[decision.index]
+            reason = decision.reason
+            if reason == "best":
+                reason = "size" if consumer.max_height else "best"
+            consumer.suspend(False)
+            consumer.set_target(option.layer, option.temporal, reason)
+        self.used_bps = result.used_bps
+        self.wanted_bps = result.wanted_bps + fixed
+        self.bandwidth.set_demand(self.wanted_bps)
+
+    async def _probe(self, first: int) -> None:
+        """Send a probe cluster's padding, spread over its duration."""
+        due = first
+        while True:
+            consumer = max((c for c in self._video() if c.forwarding), key=lambda c: c.layer or 0, default=None)
+            if consumer is None:
+                return
+            while due > 0:
+                sent = await consumer.send_padding(min(due, 255), None)
+                if not sent:
+                    return
+                due -= sent
+            await asyncio.sleep(PROBE_STEP)
+            due = self.bandwidth.padding_due(self.bandwidth.bwe.sent_bps or 0)
+            if not due and not self.bandwidth.probing:
+                return
+
+    def describe(self) -> dict[str, Any]:
+        """The connection's estimate and each consumer's choice (admin API)."""
+        return {"bandwidth": {"mode": self.bandwidth.mode, "estimate_bps": self.bandwidth.estimate_bps
+                              if self.bandwidth.mode != "none" else None, "state": self.bandwidth.state,
+                              "used_bps": self.used_bps, "wanted_bps": self.wanted_bps},
+                "consumers": [c.describe() for c in self.consumers.values()]}
+
     # --- closing ---------------------------------------------------------------------------------------
 
     def _closed_by_client(self, pc: RTCPeerConnection) -> None:
         self._on_failed("subscribe connection closed by the client")
 
     async def _close_children(self) -> None:
+        if self._hooked is not None:
+            adapter.unhook_transport(self._hooked)
+            self._hooked = None
         consumers, self.consumers = list(self.consumers.values()), {}
         for consumer in consumers:
             consumer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -45,6 +46,29 @@ class MediaCollector(Collector):
         for kind in ("audio", "video"):
             gauge.add_metric([kind], sum(c.consumers[kind] for c in counts))
         yield gauge
+
+        gauge = GaugeMetricFamily("chorus_video_consumers_by_layer",
+                                  "Forwarded video tracks by the simulcast layer sent (none: nothing yet)",
+                                  labels=["layer"])
+        layers: collections.Counter[str] = collections.Counter()
+        reasons: collections.Counter[str] = collections.Counter()
+        estimates: list[int] = []
+        for c in counts:
+            layers.update(c.video_layers)
+            reasons.update(c.reasons)
+            estimates += c.estimates
+        for layer, n in sorted(layers.items()):
+            gauge.add_metric([layer], n)
+        yield gauge
+        gauge = GaugeMetricFamily("chorus_video_consumers_by_reason",
+                                  "Forwarded simulcast video tracks by why they get their layer", labels=["reason"])
+        for reason, n in sorted(reasons.items()):
+            gauge.add_metric([reason], n)
+        yield gauge
+        yield GaugeMetricFamily("chorus_subscriber_bandwidth_estimate_bps_sum",
+                                "Sum of the subscribe connections' bandwidth estimates (bps)", value=sum(estimates))
+        yield GaugeMetricFamily("chorus_subscriber_bandwidth_estimates",
+                                "Subscribe connections with a bandwidth estimate", value=len(estimates))
 
         totals = stats.TOTALS.copy()
         for router in routers:

@@ -161,6 +161,11 @@ class Room:
                                        "participant": {"id": track.peer_id, "name": self.names.get(track.peer_id)},
                                        "track": {**track.public(), "codec": track.codec}})
 
+    def layers_wanted(self, track: TrackInfo, rids: list[str]) -> None:
+        session = self.sessions.get(track.peer_id)
+        if session is not None:
+            session.notify("publish_layers", {"track_id": track.id, "active": rids})
+
     def source_removed(self, track: TrackInfo) -> None:
         self.broadcast("track_unpublished", {"peer_id": track.peer_id, "track_id": track.id}, exclude=track.peer_id)
 

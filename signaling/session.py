@@ -62,6 +62,7 @@ class Session:
             "answer": self.on_answer,
             "trickle": self.on_trickle,
             "mute": self.on_mute,
+            "set_preferences": self.on_set_preferences,
             "leave": self.on_leave,
             "ping": self.on_ping,
         }
@@ -251,6 +252,18 @@ class Session:
         producer = peer.set_muted(track_id, muted)
         room.broadcast("track_muted", {"peer_id": peer.id, "track_id": producer.id, "muted": muted},
                        exclude=peer.id)
+        return {}
+
+    async def on_set_preferences(self, data: dict[str, Any]) -> dict[str, Any]:
+        room, peer = self._joined()
+        track_id = get_str(data, "track_id", max_len=64)
+        max_height = data.get("max_height")
+        if max_height is not None and (type(max_height) is not int or not 0 <= max_height <= 100_000):
+            raise bad_request("'max_height' must be a whole number of pixels (0-100000) or null")
+        paused = data.get("paused", False)
+        if not isinstance(paused, bool):
+            raise bad_request("'paused' must be true or false")
+        room.router.set_preferences(peer.id, track_id, max_height=max_height or None, paused=paused)
         return {}
 
     async def on_leave(self, data: dict[str, Any]) -> dict[str, Any]:

@@ -165,3 +165,26 @@ def test_timestamp_of_reordered_packet_does_not_move_the_clock() -> None:
 def test_random_starting_points(clock: int) -> None:
     assert 0 <= TimestampRebaser(clock).last_output < 1 << 32
     assert 0 <= SeqManager().last_output <= 0xFFFF
+
+
+def test_inserted_numbers_shift_newer_inputs_only() -> None:
+    """Padding takes output numbers between media packets; a late older input keeps its own place."""
+    seqs = SeqManager(first_output=100)
+    assert [seqs.forward(s) for s in (10, 12)] == [100, 102]
+    padding = [seqs.insert(), seqs.insert()]
+    assert padding == [103, 104]
+    assert seqs.forward(11) == 101  # late, keeps the number before the inserts
+    assert [seqs.forward(s) for s in (13, 14)] == [105, 106]
+    seqs.drop(15)
+    assert seqs.forward(16) == 107
+    assert seqs.insert() == 108
+    assert seqs.forward(17) == 109
+
+
+def test_insert_before_a_switch_is_followed() -> None:
+    seqs = SeqManager(first_output=0xFFFE)
+    assert seqs.forward(500) == 0xFFFE
+    seqs.switch()
+    assert seqs.insert() == 0xFFFF
+    assert seqs.forward(9000) == 0  # the new source continues after the padding, across the wrap
+    assert seqs.forward(9001) == 1
