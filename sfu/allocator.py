@@ -31,6 +31,9 @@ DOWN_NOW = 1.5
 #: Headroom the budget must show above the next option, for how long, before going up.
 UP_HEADROOM = 1.15
 UP_AFTER = 1.5
+#: With this much headroom above the best option (e.g. the viewer enlarged a tile on a fast network), go there at
+#: once: the hysteresis is for a budget near the need, not for a change of size.
+UP_NOW = 2.0
 #: The wait after a failed upgrade doubles up to this (seconds).
 MAX_BACKOFF = 16.0
 #: What the budget keeps back from the estimate (the estimate saws around the capacity).
@@ -125,6 +128,8 @@ def allocate(budget_bps: int, audio_bps: int, candidates: list[Candidate], memor
         target = chosen[c.id]
         current = c.current if c.current is not None and c.current < len(c.options) else None
         if current is None:
+            # Nothing sent yet, or what is sent is no longer an option (the viewer shrank the tile, the layer
+            # stopped): take the share at once.
             index, reason = target, "start"
             memo.over_since = memo.headroom_since = None
         elif target < current:
@@ -147,7 +152,10 @@ def allocate(budget_bps: int, audio_bps: int, candidates: list[Candidate], memor
             if memo.headroom_since is None:
                 memo.headroom_since = now
             headroom = video_budget >= UP_HEADROOM * fits
-            if headroom and now - memo.headroom_since >= UP_AFTER and now >= memo.blocked_until:
+            if video_budget >= UP_NOW * spent and now >= memo.blocked_until:
+                index, reason = target, "size: up"
+                memo.last_up = now
+            elif headroom and now - memo.headroom_since >= UP_AFTER and now >= memo.blocked_until:
                 index, reason = step, "bandwidth: up"
                 memo.last_up = now
                 memo.headroom_since = now  # one step at a time

@@ -32,7 +32,8 @@ class LayerReceiver:
 
     __slots__ = ("index", "rid", "ssrc", "rtx_ssrc", "stats", "nacks", "last_arrival", "packets", "bytes",
                  "_forwarded", "_rate_bytes", "_rate_start", "bitrate_by_tid", "keyframes",
-                 "keyframe_requested_at", "redundant_rtx", "width", "height", "temporal_layers")
+                 "keyframe_requested_at", "keyframe_requests", "redundant_rtx", "width", "height",
+                 "temporal_layers")
 
     def __init__(self, index: int, rid: str | None, clock_rate: int) -> None:
         self.index = index
@@ -47,6 +48,8 @@ class LayerReceiver:
         self.keyframes = 0
         #: When a keyframe of this layer was last requested (monotonic seconds), for throttling.
         self.keyframe_requested_at = 0.0
+        #: Keyframe requests sent to the publisher for this layer.
+        self.keyframe_requests = 0
         #: Retransmissions dropped because the packet had been forwarded already.
         self.redundant_rtx = 0
         self._forwarded = bytearray(HISTORY // 8)

@@ -121,7 +121,8 @@ class Producer(Source):
         now = time.monotonic()
         return [{"rid": layer.rid, "ssrc": layer.ssrc, "active": layer.active(now), "bitrate": layer.bitrate,
                  "width": layer.width, "height": layer.height,
-                 "bitrate_by_temporal": list(layer.bitrate_by_tid), "keyframes": layer.keyframes}
+                 "bitrate_by_temporal": list(layer.bitrate_by_tid), "keyframes": layer.keyframes,
+                 "keyframe_requests": layer.keyframe_requests, "redundant_rtx": layer.redundant_rtx}
                 for layer in self.layers]
 
     def decoded_track(self) -> MediaStreamTrack:
@@ -272,6 +273,7 @@ class Producer(Source):
             layer.keyframe_requested_at = 0.0
             return
         layer.keyframe_requested_at = time.monotonic()
+        layer.keyframe_requests += 1
         self.stats.keyframe_requests += 1
         task = self._keyframe_tasks.get(index)
         if task is None or task.done():  # one PLI in flight per layer

@@ -198,3 +198,113 @@ async def test_capped_subscriber_gets_a_lower_layer_and_hurts_no_one(tmp_path: A
     assert back is not None and back <= 15, f"C back at 720 p after {back} s"
     peak = max(r["C"]["kbps"] for r in rows("lifted"))
     assert peak <= 4000, f"C received a burst of {peak} kbps after the cap was lifted"
+
+
+def track_state(server: ServerProcess, room: str, track_id: str) -> dict[str, Any]:
+    state = room_state(server, room)
+    return next(t for part in state["participants"] for t in part["publish"]["tracks"] if t["id"] == track_id)
+
+
+def consumer_state(server: ServerProcess, room: str, viewer: str, track_id: str) -> dict[str, Any]:
+    state = room_state(server, room)
+    part = next(p for p in state["participants"] if p["name"] == viewer)
+    return next(c for c in part["subscribe"]["consumers"] if c["track_id"] == track_id)
+
+
+@pytest.mark.timeout(180)
+async def test_layers_follow_tile_sizes_pause_at_the_publisher_and_switch_cleanly(server: ServerProcess,
+                                                                                 room_name: str) -> None:
+    """
+    With only a 320x180 viewer the publisher's full layer is paused (inactive in its own outbound stats) within
+    5 s; a full-size viewer joins and it is active again within 5 s, the small viewer receiving the lowest layer
+    while the other receives the full one. Twenty forced switches (the viewer resizing its tile) decode without
+    errors; the publisher stopping the layer being watched sends its viewer to the next one within 1 s; in steady
+    state each layer gets at most one keyframe request per second.
+    """
+    room = json.dumps(room_name)
+    async with playwright_api.async_playwright() as p, chromium(p) as browser:
+        publisher = await open_harness(browser, server.http_url)
+        await publisher.evaluate(f"harness.join({room}, 'P')")
+        tracks = await publisher.evaluate("harness.publish({simulcast: true})")
+        video = json.dumps(next(t["id"] for t in tracks if t["kind"] == "video"))
+        video_id = json.loads(video)
+        small = await open_harness(browser, server.http_url, viewport={"width": 320, "height": 180})
+        await small.evaluate(f"harness.join({room}, 'small')")
+        await wait_for(lambda: small.evaluate("harness.inbound().then(s => s.video.length > 0)"), 20)
+        await small.evaluate(f"harness.prefer({video}, 180)")
+
+        async def f_is(active: bool) -> bool:
+            out = {o["rid"]: o for o in await publisher.evaluate("harness.outbound()")}
+            return "f" in out and out["f"]["active"] is active
+
+        start = time.monotonic()
+        await wait_for(lambda: f_is(False), 8, show=lambda: publisher.evaluate("harness.outbound()"))
+        paused_after = time.monotonic() - start
+        print(f"full layer paused {paused_after:.1f} s after the only viewer asked for 180 p")
+        assert paused_after <= 5.0
+
+        big = await open_harness(browser, server.http_url, viewport={"width": 1280, "height": 720})
+        await big.evaluate(f"harness.join({room}, 'big')")
+        await wait_for(lambda: big.evaluate("harness.inbound().then(s => s.video.length > 0)"), 20)
+        start = time.monotonic()
+        await big.evaluate(f"harness.prefer({video}, 720)")
+        await wait_for(lambda: f_is(True), 8, show=lambda: publisher.evaluate("harness.outbound()"))
+        resumed_after = time.monotonic() - start
+        print(f"full layer active again {resumed_after:.1f} s after a full-size viewer asked for it")
+        assert resumed_after <= 5.0
+
+        async def heights() -> tuple[int, int]:
+            s, b = await small.evaluate("harness.inbound()"), await big.evaluate("harness.inbound()")
+            return s["video"][0]["height"], b["video"][0]["height"]
+
+        async def diagnose() -> Any:
+            state = room_state(server, room_name)
+            return (await heights(), [(p["name"], p["subscribe"]) for p in state["participants"]],
+                    track_state(server, room_name, video_id)["layers"])
+
+        await wait_for(lambda: _equals(heights, (180, 720)), 10, show=diagnose)
+        assert consumer_state(server, room_name, "small", video_id)["layer"] == 0
+        assert consumer_state(server, room_name, "big", video_id)["layer"] == 2
+
+        # Steady state: keyframe requests per layer over 6 s.
+        before = [layer["keyframe_requests"] for layer in track_state(server, room_name, video_id)["layers"]]
+        await asyncio.sleep(6.0)
+        after = [layer["keyframe_requests"] for layer in track_state(server, room_name, video_id)["layers"]]
+        rates = [(a - b) / 6.0 for a, b in zip(after, before, strict=True)]
+        print(f"keyframe requests per layer per second in steady state: {rates}")
+        assert all(rate <= 1.0 for rate in rates)
+
+        # Twenty forced switches: the big viewer's tile alternates between 180 and 720 pixels.
+        stats0 = (await big.evaluate("harness.inbound()"))["video"][0]
+        switches0 = consumer_state(server, room_name, "big", video_id)["switches"]
+        for i in range(20):
+            await big.evaluate(f"harness.prefer({video}, {180 if i % 2 == 0 else 720})")
+            await asyncio.sleep(1.2)
+        stats1 = (await big.evaluate("harness.inbound()"))["video"][0]
+        switches = consumer_state(server, room_name, "big", video_id)["switches"] - switches0
+        decoded = stats1["frames"] - stats0["frames"]
+        print(f"20 forced switches: {switches} layer switches, {decoded} frames decoded, "
+              f"PLIs {stats1['plis'] - stats0['plis']}, freezes {stats1['freezes'] - stats0['freezes']}")
+        assert switches >= 16
+        assert decoded >= 20 * 1.2 * 20  # ≥ 20 fps throughout
+        assert stats1["plis"] - stats0["plis"] <= 2  # the decoder never lost its reference
+        await wait_for(lambda: _equals(heights, (180, 720)), 10, show=heights)
+
+        # The publisher stops the layer being watched: its viewer falls back within 1 s.
+        await publisher.evaluate("""(async () => {
+          const sender = harness.pub.getSenders().find(s => s.track && s.track.kind === 'video');
+          const params = sender.getParameters();
+          params.encodings.find(e => e.rid === 'f').active = false;
+          await sender.setParameters(params);
+        })()""")
+        stopped = time.monotonic()
+        await wait_for(lambda: big.evaluate("harness.inbound().then(s => s.video[0].height === 360)"), 5, 0.05)
+        fallback = time.monotonic() - stopped
+        print(f"viewer on 360 p {fallback:.2f} s after the publisher stopped sending 720 p")
+        assert fallback <= 1.0 + 0.3  # plus the time the publisher takes to stop
+        for page in (publisher, small, big):
+            await page.evaluate("harness.close()")
+
+
+async def _equals(read: Any, expected: Any) -> bool:
+    return bool(await read() == expected)
