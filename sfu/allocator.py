@@ -29,7 +29,7 @@ DOWN_AFTER = 0.75
 #: Going down at once when the need is this many times the share.
 DOWN_NOW = 1.5
 #: Headroom the budget must show above the next option, for how long, before going up.
-UP_HEADROOM = 1.15
+UP_HEADROOM = 1.2
 UP_AFTER = 1.5
 #: With this much headroom above the best option (e.g. the viewer enlarged a tile on a fast network), go there at
 #: once: the hysteresis is for a budget near the need, not for a change of size.
@@ -37,7 +37,7 @@ UP_NOW = 2.0
 #: The wait after a failed upgrade doubles up to this (seconds).
 MAX_BACKOFF = 16.0
 #: What the budget keeps back from the estimate (the estimate saws around the capacity).
-BUDGET_SHARE = 0.9
+BUDGET_SHARE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,22 +224,32 @@ def nominal_bps(height: int) -> int:
 
 
 def options(source: LayerSource, max_height: int | None, paused: bool) -> list[Option]:
-    """What a consumer of ``source`` can be given, cheapest first: every live layer up to the one that fits the
-    viewer, each up to each of its temporal layers."""
+    """
+    What a consumer of ``source`` can be given, in rising quality and cost: the lowest live layer at each of its
+    temporal layers (down to 7.5 fps when nothing else fits), then each higher live layer, up to the one that
+    fits the viewer, at its two highest temporal layers (15 and 30 fps: a bigger picture at a choppy rate is
+    not worth it). An option costing no more than the one before it is left out, so that going up an option
+    always means more.
+    """
     if paused:
         return []
     heights = layer_heights(source)
     out: list[Option] = []
+    first = True
     for layer in range(wanted_layer(source, max_height) + 1):
         if not source.layer_active(layer):
             continue
         rates = source.layer_temporal(layer)
         if not rates or sum(rates) == 0:
-            out.append(Option(layer, ALL_TEMPORAL, nominal_bps(heights[layer])))
-            continue
-        total = 0
-        for tid, bps in enumerate(rates):
-            total += bps
-            out.append(Option(layer, ALL_TEMPORAL if tid == len(rates) - 1 else tid, total))
-    out.sort(key=lambda o: (o.bps, o.layer))
+            candidates = [Option(layer, ALL_TEMPORAL, nominal_bps(heights[layer]))]
+        else:
+            totals = [sum(rates[: tid + 1]) for tid in range(len(rates))]
+            candidates = [Option(layer, ALL_TEMPORAL if tid == len(rates) - 1 else tid, total)
+                          for tid, total in enumerate(totals)]
+            if not first:
+                candidates = candidates[-2:]
+        for option in candidates:
+            if not out or option.bps > out[-1].bps:
+                out.append(option)
+        first = False
     return out

@@ -11,7 +11,16 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from . import aiortc_adapter as adapter
-from .allocator import INTERVAL, Candidate, Hysteresis, allocate, options, wanted_layer
+from .allocator import (
+    BUDGET_SHARE,
+    INTERVAL,
+    UP_HEADROOM,
+    Candidate,
+    Hysteresis,
+    allocate,
+    options,
+    wanted_layer,
+)
 from .bandwidth import TRANSPORT_CC_ID, SubscriberBandwidth
 from .consumer import Consumer, IdleTrack
 from .errors import InvalidSdpError, InvalidStateError
@@ -264,7 +273,8 @@ class SubscribeTransport(Transport):
             consumer.set_target(option.layer, option.temporal, reason)
         self.used_bps = result.used_bps
         self.wanted_bps = result.wanted_bps + fixed
-        self.bandwidth.set_demand(self.wanted_bps)
+        # Probe above the need, so that the estimate can show the headroom an upgrade waits for.
+        self.bandwidth.set_demand(int(self.wanted_bps * UP_HEADROOM / BUDGET_SHARE))
 
     async def _probe(self, first: int) -> None:
         """Send a probe cluster's padding, spread over its duration."""
