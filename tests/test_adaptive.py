@@ -265,6 +265,10 @@ async def test_layers_follow_tile_sizes_pause_at_the_publisher_and_switch_cleanl
         await wait_for(lambda: _equals(heights, (180, 720)), 10, show=diagnose)
         assert consumer_state(server, room_name, "small", video_id)["layer"] == 0
         assert consumer_state(server, room_name, "big", video_id)["layer"] == 2
+        with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert 'chorus_video_consumers_by_layer{layer="2"}' in metrics
+        assert "chorus_subscriber_bandwidth_estimates" in metrics
 
         # Steady state: keyframe requests per layer over 6 s.
         before = [layer["keyframe_requests"] for layer in track_state(server, room_name, video_id)["layers"]]

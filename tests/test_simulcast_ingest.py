@@ -166,3 +166,53 @@ async def test_malformed_simulcast_is_refused_and_the_session_goes_on(server: Se
         assert "a=simulcast:recv q;h;f" in good["sdp"]
     finally:
         await pc.close()
+
+
+async def test_camera_and_screen_both_simulcast_route_to_their_own_tracks() -> None:
+    """Two simulcast video m-sections with the same payload types: packets are told apart by MID, then RID."""
+    adapter.set_host_addresses(["127.0.0.1"])
+    client = RTCPeerConnection()
+    transceivers = [client.addTransceiver(IdleTrack("video"), direction="sendonly") for _ in range(2)]
+    for transceiver in transceivers:
+        transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
+                                         if c.mimeType == "video/VP8"])
+    transport = PublishTransport("p-test", log=PeerLogger("chorus.test"), on_failed=lambda reason: None,
+                                 on_source_added=lambda p: None, on_source_closed=lambda p: None)
+    try:
+        await client.setLocalDescription(await client.createOffer())
+        offer = client.localDescription.sdp.replace("\r\n", "\n").split("\nm=")
+        rids = "a=rid:q send\na=rid:h send\na=rid:f send\na=simulcast:send q;h;f"
+        munged = offer[0] + "".join("\nm=" + section.rstrip("\n") + "\n" + rids for section in offer[1:])
+        answer, producers = await transport.negotiate(simulcast_offer(munged, rids=""))
+        assert answer.count("a=simulcast:recv q;h;f") == 2
+        await client.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        recorders = [Recorder(), Recorder()]
+        for producer, recorder in zip(producers, recorders, strict=True):
+            producer.attach(recorder)  # type: ignore[arg-type]
+        for _ in range(200):
+            if all(adapter.sender_started(t.sender) for t in transceivers):
+                break
+            await asyncio.sleep(0.02)
+        extensions = HeaderExtensionsMap()
+        extensions.configure(RTCRtpParameters(headerExtensions=[
+            RTCRtpHeaderExtensionParameters(id=i, uri=u) for u, i in IDS.items()]))
+        payload_type = adapter.transceiver_codecs(transceivers[0])[0].payloadType
+        keyframe = b"\x90\xe0\x80\x01\x00\x20" + b"\x00\x00\x00\x9d\x01\x2a\x40\x01\xb4\x00" + bytes(50)
+        for i in range(10):
+            for n, transceiver in enumerate(transceivers):
+                for layer, rid in enumerate("qhf"):
+                    packet = RtpPacket(payload_type=payload_type, sequence_number=100 * layer + i,
+                                       timestamp=3000 * i, ssrc=5000 + 10 * n + layer, payload=keyframe)
+                    packet.extensions.mid = transceiver.mid
+                    packet.extensions.rtp_stream_id = rid
+                    await adapter.send_rtp(transceivers[0].sender, packet.serialize(extensions))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        for recorder in recorders:
+            assert sorted({layer for layer, _ in recorder.got}) == [0, 1, 2]
+            assert len(recorder.got) == 30
+        assert {layer.ssrc for layer in producers[0].layers} == {5000, 5001, 5002}
+        assert {layer.ssrc for layer in producers[1].layers} == {5010, 5011, 5012}
+    finally:
+        await transport.close()
+        await client.close()
