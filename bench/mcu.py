@@ -141,7 +141,8 @@ def start_server(port: int, log: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "chorus.signaling", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, "CHORUS_DEV_MODE": "1", "CHORUS_LOG_LEVEL": "warning"},
+        env={**os.environ, "CHORUS_DEV_MODE": "1", "CHORUS_LOG_LEVEL": "warning",
+             "CHORUS_MAX_CONNECTIONS_PER_IP": "100000", "CHORUS_MAX_CONNECTIONS": "100000"},
     )
     deadline = time.monotonic() + 20
     while True:

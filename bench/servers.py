@@ -160,9 +160,12 @@ def start_chorus(cpu: int | None, logdir: Path) -> Server:
         **os.environ,
         "CHORUS_LOG_LEVEL": "warning",
         "CHORUS_DEV_MODE": "1",
-        # Every generator client comes from 127.0.0.1: lift the per-address join limits, and room size.
+        # Every generator client comes from 127.0.0.1: lift the per-address join and connection limits, and
+        # room size.
         "CHORUS_JOIN_RATE_PER_IP": "100000",
         "CHORUS_JOIN_BURST_PER_IP": "100000",
+        "CHORUS_MAX_CONNECTIONS": "100000",
+        "CHORUS_MAX_CONNECTIONS_PER_IP": "100000",
         "CHORUS_MAX_PEERS_PER_ROOM": "10000",
     }
     with open(log_path, "wb") as log:

@@ -42,6 +42,11 @@ What is used, and why:
   feedback is sent from.
 * ``aioice.ice.get_host_addresses`` — to choose which host addresses the server advertises (aioice leaves
   loopback out, which a local browser needs).
+* ``aioice.ice.Connection.get_component_candidates`` and ``Connection._protocols`` — wrapped so the host
+  candidates' UDP sockets are bound inside ``rtc_min_port``..``rtc_max_port`` (aioice always binds port 0);
+  the wrapper builds host candidates as aioice does (``aioice.candidate.candidate_foundation``/
+  ``candidate_priority``), and leaves connections that use STUN or TURN to aioice (see
+  :func:`set_port_range`).
 * ``aioice.ice.StunProtocol.datagram_received`` and ``Connection._check_list`` — wrapped/read so a
   hostile datagram can neither kill a connection nor raise into the event loop (see
   :func:`guard_stun_parsing`); a protocol instance's ``datagram_received`` is also wrapped by the benchmark
@@ -51,11 +56,18 @@ What is used, and why:
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import queue
+import random
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import aioice
+import aioice.candidate
 import aioice.ice
+import aioice.turn
 import aiortc
 import aiortc.rtcrtpreceiver
 from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
@@ -67,6 +79,8 @@ from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import AnyRtcpPacket, HeaderExtensionsMap, RtpPacket
 
 SUPPORTED_AIORTC = "1.16.0"
+
+_logger = logging.getLogger("chorus.sfu.adapter")
 
 RtpHandler = Callable[[RtpPacket, int], Awaitable[None]]
 RtcpHandler = Callable[[AnyRtcpPacket], Awaitable[None]]
@@ -121,6 +135,8 @@ async def check() -> None:
     ):
         if not hasattr(module, name):
             problems.append(f"{module.__name__}.{name} is missing")
+    if not hasattr(aioice.ice.Connection, "get_component_candidates"):
+        problems.append("aioice.ice.Connection.get_component_candidates is missing")
     if not hasattr(RTCDtlsTransport, "_send_rtp"):
         problems.append("RTCDtlsTransport._send_rtp is missing")
 
@@ -232,6 +248,70 @@ def set_host_addresses(addresses: Iterable[str] | None) -> None:
         return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
     aioice.ice.get_host_addresses = get_host_addresses
+
+
+# --- media port range ------------------------------------------------------------------------------
+
+_original_get_component_candidates = aioice.ice.Connection.get_component_candidates
+
+
+async def _bind_in_range(loop: asyncio.AbstractEventLoop, factory: Callable[[], Any], address: str, low: int,
+                         high: int) -> tuple[asyncio.DatagramTransport, Any]:
+    """A UDP endpoint on ``address`` at a free port of ``low..high`` (tried from a random one on)."""
+    size = high - low + 1
+    start = random.randrange(size)
+    for i in range(size):
+        port = low + (start + i) % size
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(factory, local_addr=(address, port))
+            return transport, protocol
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise
+    raise OSError(errno.EADDRINUSE, f"no free UDP port in {low}-{high} on {address}")
+
+
+def set_port_range(low: int | None, high: int | None) -> None:
+    """
+    Bind the host-candidate UDP sockets of ICE connections inside ``low..high``, process-wide (``None``:
+    any port, aioice's default). Connections configured with a STUN or TURN server (clients, not the SFU)
+    keep aioice's own gathering. When every port of the range is taken, the connection gets no host
+    candidate on that address (logged), as aioice does when it cannot bind.
+    """
+    if low is None or high is None:
+        aioice.ice.Connection.get_component_candidates = _original_get_component_candidates  # type: ignore[method-assign]
+        return
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"bad port range {low}-{high}")
+
+    async def get_component_candidates(self: aioice.ice.Connection, component: int, addresses: list[str],
+                                       timeout: int = 5) -> list[aioice.Candidate]:
+        if self.stun_server or self.turn_server:
+            return await _original_get_component_candidates(self, component, addresses, timeout)
+        loop = asyncio.get_running_loop()
+        candidates = []
+        for address in addresses:
+            try:
+                transport, protocol = await _bind_in_range(
+                    loop, lambda: aioice.ice.StunProtocol(self), address, low, high)
+            except OSError as exc:
+                _logger.warning("cannot bind an ICE socket on %s in %d-%d: %s", address, low, high, exc)
+                continue
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, aioice.turn.UDP_SOCKET_BUFFER_SIZE)
+            host, port = transport.get_extra_info("sockname")[:2]
+            protocol.local_candidate = aioice.Candidate(
+                foundation=aioice.candidate.candidate_foundation("host", "udp", host),
+                component=component, transport="udp",
+                priority=aioice.candidate.candidate_priority(component, "host"),
+                host=host, port=port, type="host",
+            )
+            candidates.append(protocol.local_candidate)
+            self._protocols.append(protocol)
+        return candidates
+
+    aioice.ice.Connection.get_component_candidates = get_component_candidates  # type: ignore[method-assign]
 
 
 # --- receiver (publisher side) ----------------------------------------------------------------------

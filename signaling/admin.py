@@ -5,6 +5,7 @@ The admin REST API (see docs/admin-api.md). Every route needs ``Authorization: B
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,11 @@ from .room import RoomRegistry
 ADMIN_REGISTRY = web.AppKey("admin_registry", RoomRegistry)
 ADMIN_VERIFY: web.AppKey[Verify] = web.AppKey("admin_verify")
 ADMIN_CLUSTER: web.AppKey[Callable[[], Cluster | None]] = web.AppKey("admin_cluster")
+#: ``drain(timeout or None) -> drain state``: starts draining the node (idempotent).
+ADMIN_DRAIN: web.AppKey[Callable[[float | None], dict[str, Any]]] = web.AppKey("admin_drain")
+
+#: The longest block the test-only hook accepts (seconds).
+MAX_BLOCK = 10.0
 
 STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404}
 
@@ -135,18 +141,56 @@ async def mute_track(request: web.Request) -> web.Response:
     return web.json_response(room.set_muted(request.match_info["track"], body["muted"]))
 
 
+async def drain_node(request: web.Request) -> web.Response:
+    """Drain this node, as SIGTERM does: optional body ``{"timeout": seconds}`` (default ``drain_timeout``)."""
+    timeout: float | None = None
+    if request.can_read_body:
+        try:
+            body: Any = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return error("bad_request", "the body must be JSON")
+        value = body.get("timeout") if isinstance(body, dict) else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+            return error("bad_request", "'timeout' must be a number of seconds >= 0")
+        timeout = float(value) if value is not None else None
+    return web.json_response(request.app[ADMIN_DRAIN](timeout), status=202)
+
+
+async def block_loop(request: web.Request) -> web.Response:
+    """Test-only (``debug_hooks``): block the event loop for ``?seconds=`` (at most 10), as a slow callback
+    would."""
+    try:
+        seconds = float(request.query.get("seconds", "0.5"))
+    except ValueError:
+        return error("bad_request", "'seconds' must be a number")
+    if not 0 <= seconds <= MAX_BLOCK:
+        return error("bad_request", f"'seconds' must be from 0 to {MAX_BLOCK:g}")
+    time.sleep(seconds)  # blocking on purpose: this is what the loop-lag monitor must see
+    return web.json_response({"blocked_s": seconds})
+
+
 async def process_stats(request: web.Request) -> web.Response:
     """Resource counts of this process, for leak checks: objects, tasks, file descriptors, sockets, memory."""
     return web.json_response(resources.snapshot())
 
 
+def _no_drain(timeout: float | None) -> dict[str, Any]:
+    raise web.HTTPNotImplemented(text="this server cannot drain\n")
+
+
 def create_admin_app(registry: RoomRegistry, verify: Verify,
-                     cluster: Callable[[], Cluster | None] = lambda: None) -> web.Application:
+                     cluster: Callable[[], Cluster | None] = lambda: None, *,
+                     drain: Callable[[float | None], dict[str, Any]] = _no_drain,
+                     debug_hooks: bool = False) -> web.Application:
     """The admin API as a sub-application, mounted at ``/api``."""
     app = web.Application(middlewares=[admin_auth, cluster_routing])
     app[ADMIN_REGISTRY] = registry
     app[ADMIN_VERIFY] = verify
     app[ADMIN_CLUSTER] = cluster
+    app[ADMIN_DRAIN] = drain
+    app.router.add_post("/drain", drain_node)
+    if debug_hooks:
+        app.router.add_post("/debug/block", block_loop)
     app.router.add_get("/rooms", list_rooms)
     app.router.add_get("/nodes", list_nodes)
     app.router.add_get("/rooms/{room}", get_room)

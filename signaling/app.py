@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,11 +16,13 @@ from chorus.sfu import McuOptions, aiortc_adapter
 from chorus.sfu.tasks import Tasks
 from chorus.turn import credentials as turn_credentials
 
-from . import auth
+from . import auth, forwarded
 from .admin import create_admin_app
 from .cluster import Cluster
 from .config import Settings
-from .limits import RateLimiter
+from .drain import Drain
+from .limits import ConnectionLimiter, RateLimiter
+from .loophealth import LoopMonitor
 from .metrics import Metrics
 from .room import Room, RoomRegistry
 from .session import Session
@@ -37,6 +40,11 @@ WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
 READY = web.AppKey("ready", asyncio.Event)
 JOIN_LIMITER = web.AppKey("join_limiter", RateLimiter)
 CLUSTER: web.AppKey[Cluster | None] = web.AppKey("cluster")
+#: The node's drain state and the hook other subsystems subscribe to (see drain.py).
+DRAIN = web.AppKey("drain", Drain)
+CONNECTIONS = web.AppKey("connections", ConnectionLimiter)
+LOOP = web.AppKey("loop", LoopMonitor)
+APP_TASKS = web.AppKey("app_tasks", Tasks)
 
 
 class ConfigError(Exception):
@@ -69,27 +77,42 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     origin = request.headers.get("Origin")
     if settings.allowed_origins is not None and origin is not None and origin not in settings.allowed_origins:
         raise web.HTTPForbidden(text=f"origin {origin!r} is not allowed\n")
-    ws = web.WebSocketResponse(heartbeat=15.0, max_msg_size=settings.max_message_bytes)
-    await ws.prepare(request)
-    app[WEBSOCKETS].add(ws)
-    app[METRICS].sessions.inc()
-    errors = app[METRICS].errors
-    session = Session(
-        ws,
-        app[REGISTRY],
-        settings,
-        ice_servers=lambda identity: ice_servers_for(settings, identity),
-        verify_token=token_verifier(settings),
-        remote=request.remote,
-        join_limiter=app[JOIN_LIMITER],
-        cluster=app[CLUSTER],
-        on_error=lambda code: errors.labels(code).inc(),
-    )
+    remote = forwarded.client_address(request)
+    connections = app[CONNECTIONS]
+    refused = connections.admit(remote)
+    if refused is not None:
+        # Refused before the upgrade, at once, and the connection is not kept.
+        app[METRICS].refused.labels("per_address" if "address" in refused else "total").inc()
+        response = web.json_response({"error": {"code": "too_many_connections", "reason": refused}}, status=429,
+                                     headers={"Retry-After": "10"})
+        response.force_close()
+        return response  # type: ignore[return-value]
     try:
-        await session.run()
+        ws = web.WebSocketResponse(heartbeat=15.0, max_msg_size=settings.max_message_bytes)
+        await ws.prepare(request)
+        app[WEBSOCKETS].add(ws)
+        app[METRICS].sessions.inc()
+        metrics_ = app[METRICS]
+        session = Session(
+            ws,
+            app[REGISTRY],
+            settings,
+            ice_servers=lambda identity: ice_servers_for(settings, identity),
+            verify_token=token_verifier(settings),
+            remote=remote,
+            join_limiter=app[JOIN_LIMITER],
+            cluster=app[CLUSTER],
+            drain=app[DRAIN],
+            on_error=lambda code: metrics_.errors.labels(code).inc(),
+            on_join_timeout=metrics_.join_timeouts.inc,
+        )
+        try:
+            await session.run()
+        finally:
+            app[WEBSOCKETS].discard(ws)
+        return ws
     finally:
-        app[WEBSOCKETS].discard(ws)
-    return ws
+        connections.release(remote)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -101,13 +124,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the media plane passed its startup checks and, in a cluster, Redis answers."""
-    if not request.app[READY].is_set():
-        return web.json_response({"status": "starting"}, status=503)
-    cluster = request.app[CLUSTER]
+    """
+    Readiness: the media plane passed its startup checks, the node is not draining and, in a cluster, Redis
+    answers. The event loop's lag is reported but never changes the answer (see loophealth.py).
+    """
+    app = request.app
+    loop = app[LOOP].describe()
+    drain = app[DRAIN]
+    if not app[READY].is_set():
+        return web.json_response({"status": "starting", "loop": loop}, status=503)
+    if drain.draining:
+        return web.json_response({"status": "draining", "deadline": drain.deadline, "loop": loop}, status=503)
+    cluster = app[CLUSTER]
     if cluster is not None and not cluster.ready:
-        return web.json_response({"status": "cluster registry unreachable"}, status=503)
-    return web.json_response({"status": "ready"})
+        return web.json_response({"status": "cluster registry unreachable", "loop": loop}, status=503)
+    return web.json_response({"status": "ready", "loop": loop})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -116,7 +147,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(_web_root(request.app[SETTINGS]) / "index.html")
+    # The page's address may carry a room token: no Referer with it to anyone (the page also takes it out
+    # of its address bar at once).
+    return web.FileResponse(_web_root(request.app[SETTINGS]) / "index.html",
+                            headers={"Referrer-Policy": "no-referrer"})
 
 
 def _web_root(settings: Settings) -> Path:
@@ -128,6 +162,8 @@ async def media_plane(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     await aiortc_adapter.check()
     aiortc_adapter.set_host_addresses(settings.ice_host_addresses)
+    if settings.rtc_min_port is not None and settings.rtc_max_port is not None:
+        aiortc_adapter.set_port_range(settings.rtc_min_port, settings.rtc_max_port)
     aiortc_adapter.guard_stun_parsing()
     if settings.auth_secret is None:
         logger.warning("DEV MODE: no auth_secret is set; anyone may join any room and use the admin API. "
@@ -183,6 +219,65 @@ async def webhook_delivery(app: web.Application) -> AsyncIterator[None]:
     await tasks.close()
 
 
+async def loop_health(app: web.Application) -> AsyncIterator[None]:
+    tasks = Tasks("loop health")
+    tasks.spawn(app[LOOP].run(), name="event loop lag sampler")
+    yield
+    await tasks.close()
+
+
+async def app_tasks(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[APP_TASKS].close()
+
+
+def start_drain(app: web.Application, timeout: float | None = None) -> bool:
+    """Start draining this node (SIGTERM, ``POST /api/drain``); :attr:`Drain.finished` is set when it is
+    over. Returns False if it was already draining."""
+    settings = app[SETTINGS]
+    timeout = settings.drain_timeout if timeout is None else timeout
+    if not app[DRAIN].start(timeout):
+        return False
+    app[APP_TASKS].spawn(drain_node(app), name="drain")
+    return True
+
+
+async def drain_node(app: web.Application) -> None:
+    """The drain itself (see drain.py for the steps)."""
+    drain, registry, cluster, webhooks = app[DRAIN], app[REGISTRY], app[CLUSTER], app[WEBHOOKS]
+    assert drain.deadline is not None
+    deadline = drain.deadline
+    started = time.monotonic()
+    node = cluster.node_id if cluster is not None else None
+    rooms = list(registry.rooms.values())
+    participants = sum(len(r.sessions) for r in rooms)
+    logger.info("draining", extra={"chorus": {"rooms": len(rooms), "participants": participants,
+                                              "timeout_s": round(deadline - time.time(), 1)}})
+    webhooks.emit("node_draining", {"node": node, "deadline": deadline, "rooms": len(rooms),
+                                    "participants": participants})
+    moves: dict[str, str | None] = {}
+    if cluster is not None:
+        moves = await cluster.drain([r.id for r in rooms])
+    for room in rooms:
+        data: dict[str, Any] = {"deadline": deadline}
+        if moves.get(room.id):
+            data["url"] = moves[room.id]
+        room.log.info("telling participants the node drains", target=moves.get(room.id))
+        room.broadcast("draining", data)
+    while (registry.rooms or drain.holds) and time.time() < deadline:
+        await asyncio.sleep(0.1)
+    left = list(registry.rooms.values())
+    outcome = "empty" if not left and not drain.holds else "timeout"
+    for room in left:
+        await room.close("server shutdown")
+    logger.info("drained", extra={"chorus": {"outcome": outcome, "rooms_closed": len(left),
+                                             "seconds": round(time.monotonic() - started, 1)}})
+    webhooks.emit("node_drained", {"node": node, "outcome": outcome, "rooms_closed": len(left),
+                                   "unfinished": drain.holds})
+    await webhooks.flush(timeout=5.0)
+    drain.finished.set()
+
+
 async def close_websockets(app: web.Application) -> None:
     websockets = app[WEBSOCKETS]
     for ws in set(websockets):
@@ -199,9 +294,17 @@ def create_app(settings: Settings | None = None) -> web.Application:
     if settings.auth_secret is None and not settings.dev_mode:
         raise ConfigError("set auth_secret (CHORUS_AUTH_SECRET, at least 32 bytes) to require room tokens, "
                           "or dev_mode (CHORUS_DEV_MODE=1, or chorus serve --dev) to run without auth")
-    app = web.Application(client_max_size=settings.max_message_bytes)
+    app = web.Application(client_max_size=settings.max_message_bytes,
+                          middlewares=[forwarded.middleware(forwarded.TrustedProxies(settings.trusted_proxies))])
     app[SETTINGS] = settings
     app[METRICS] = metrics_ = Metrics()
+    app[DRAIN] = drain = Drain()
+    app[CONNECTIONS] = connections = ConnectionLimiter(settings.max_connections, settings.max_connections_per_ip)
+    app[LOOP] = LoopMonitor(settings.loop_lag_warning)
+    app[APP_TASKS] = Tasks("app")
+    metrics_.watch_loop(app[LOOP])
+    metrics_.gauge("chorus_websockets_open", "Websockets open (admitted)", lambda: connections.open)
+    metrics_.gauge("chorus_draining", "1 while this node drains", lambda: float(drain.draining))
     app[WEBHOOKS] = WebhookSender(settings.webhook_urls, settings.webhook_secret or settings.auth_secret,
                                   on_outcome=lambda outcome: metrics_.webhooks.labels(outcome).inc())
     app[REGISTRY] = RoomRegistry(
@@ -217,13 +320,19 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(media_plane)
     app.cleanup_ctx.append(cluster_membership)
     app.cleanup_ctx.append(webhook_delivery)
+    app.cleanup_ctx.append(loop_health)
+    app.cleanup_ctx.append(app_tasks)
     app.on_shutdown.append(close_websockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     cluster = app[CLUSTER]
-    app.add_subapp("/api", create_admin_app(app[REGISTRY], token_verifier(settings), lambda: cluster))
+    app.add_subapp("/api", create_admin_app(
+        app[REGISTRY], token_verifier(settings), lambda: cluster,
+        drain=lambda timeout: (start_drain(app, timeout), drain.describe())[1],
+        debug_hooks=settings.debug_hooks,
+    ))
     app.router.add_get("/", index)
     app.router.add_static("/", _web_root(settings), show_index=False)
     return app

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
+import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 
-from aiohttp import web
 from pydantic import ValidationError
 
 from chorus.sfu import logs
 from chorus.turn import cli as turn_cli
 
-from . import auth
+from . import auth, serve, tls
 from .app import ConfigError, create_app
 from .config import Settings
 
@@ -27,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="a TOML or JSON settings file (CHORUS_* env variables override it)")
     serve.add_argument("--print-config", action="store_true", help="print the effective settings and exit")
     serve.add_argument("--dev", action="store_true", help="dev mode: no auth secret needed (never in production)")
+    serve.add_argument("--self-signed", nargs="+", metavar="NAME",
+                       help="serve HTTPS with a self-signed certificate for these host names/addresses (made once, "
+                       "kept in --cert-dir; prints its fingerprint). For trials: browsers ask to accept it")
+    serve.add_argument("--cert-dir", help="where --self-signed keeps its certificate (default "
+                       "$XDG_STATE_HOME/chorus, i.e. ~/.local/state/chorus)")
+
+    health = commands.add_parser("health", help="exit 0 if the local server answers /healthz (container health "
+                                 "checks; follows tls/host/port settings)")
+    health.add_argument("--config", help="a TOML or JSON settings file")
+    health.add_argument("--ready", action="store_true", help="check /readyz instead (503 while starting or draining)")
 
     token = commands.add_parser("token", help="room tokens").add_subparsers(dest="token_command", required=True)
     create = token.add_parser("create", help="print a signed room token")
@@ -56,6 +68,27 @@ def token_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def health(args: argparse.Namespace, settings: Settings) -> int:
+    """GET /healthz (or /readyz) of the server these settings describe, on loopback when it listens on all
+    addresses. The certificate is not verified (it names the public host, not 127.0.0.1)."""
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    url = f"{settings.scheme}://{host}:{settings.port}/{'readyz' if args.ready else 'healthz'}"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=3, context=context) as response:
+            print(response.read().decode(errors="replace").strip())
+            return 0
+    except (OSError, ValueError) as exc:
+        print(f"chorus: {url}: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides: dict[str, object] = {}
@@ -72,6 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return token_create(args, settings)
     if args.command == "turn":
         return turn_cli.run(args, settings)
+    if args.command == "health":
+        return health(args, settings)
+    if args.self_signed:
+        try:
+            cert_path, key_path = tls.self_signed(args.self_signed, Path(args.cert_dir) if args.cert_dir else None)
+        except (OSError, ValueError) as exc:
+            print(f"chorus: cannot make a self-signed certificate: {exc}", file=sys.stderr)
+            return 2
+        settings = settings.model_copy(update={"tls_cert": cert_path, "tls_key": key_path})
+        cert = tls.certificate(cert_path)
+        print(f"chorus: self-signed certificate for {', '.join(args.self_signed)} ({cert_path})\n"
+              f"chorus:   SHA-256 fingerprint {tls.fingerprint(cert)}\n"
+              f"chorus:   SPKI pin (sha256/base64) {tls.spki_pin(cert)}", file=sys.stderr, flush=True)
     if args.print_config:
         shown = settings.model_dump(mode="json")
         for key in ("auth_secret", "turn_secret", "webhook_secret"):
@@ -85,9 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"chorus: {exc}", file=sys.stderr)
         return 2
-    print(f"chorus: serving on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, print=None)
-    return 0
+    ssl_context = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:
+            ssl_context = tls.server_context(settings.tls_cert, settings.tls_key)
+        except tls.TlsError as exc:
+            print(f"chorus: {exc}", file=sys.stderr)
+            return 2
+    return serve.run(app, settings, ssl_context)
 
 
 if __name__ == "__main__":

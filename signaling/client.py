@@ -15,6 +15,13 @@ Example::
     await client.close()
 
 Requests return the response ``data`` or raise :class:`RequestError` with the server's error ``code``.
+
+With ``reconnect=True`` the client rejoins by itself (same identity, so the server replaces the stale
+session) after any failure: the websocket closing, a peer connection's ICE or DTLS failing
+(``connectionState == "failed"``), or the server dropping it (``left``, unless kicked or replaced). Attempts
+follow :class:`Backoff`; :attr:`ChorusClient.state` says where it is, and it gives up (state ``failed``,
+:attr:`ChorusClient.gave_up` set) after ``Backoff.max_attempts`` consecutive failures. A ``draining``
+notification with a ``url`` moves it to that node at once.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import contextlib
 import itertools
 import json
 import logging
+import random
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +53,41 @@ from chorus.sfu.tasks import Tasks
 logger = logging.getLogger("chorus.client")
 
 TrackCallback = Callable[[MediaStreamTrack, dict[str, Any]], Any]
+
+
+#: ``left`` reasons after which the client does not rejoin by itself.
+FINAL_LEAVE_REASONS = frozenset({"kicked", "replaced", "closed by admin"})
+
+
+class Backoff:
+    """
+    Reconnection schedule: exponential backoff with jitter, as the browser client's (web/chorus-client.js).
+
+    The n-th consecutive failure waits a random time in [½, 1] × min(``max_delay``, ``initial_delay`` × 2^n);
+    after ``max_attempts`` consecutive failures :meth:`next` returns ``None`` (give up). :meth:`reset` (the
+    client calls it after ``stable_after`` seconds of media flowing) starts again from the first step.
+    Defaults: 1, 2, 4, 8, 16, then 20 s; giving up after 12 attempts (about three minutes).
+    """
+
+    def __init__(self, initial_delay: float = 1.0, max_delay: float = 20.0, max_attempts: int = 12,
+                 stable_after: float = 10.0, *, rng: random.Random | None = None) -> None:
+        self.initial_delay = initial_delay
+        self.max_delay = max_delay
+        self.max_attempts = max_attempts
+        self.stable_after = stable_after
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float | None:
+        """The delay before the next attempt (seconds), or ``None``: give up."""
+        if self.attempt >= self.max_attempts:
+            return None
+        ceiling = min(self.max_delay, self.initial_delay * 2**self.attempt)
+        self.attempt += 1
+        return float(ceiling / 2 + self._rng.random() * ceiling / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
 
 
 class RequestError(Exception):
@@ -79,10 +123,19 @@ class ChorusClient:
     MAX_REDIRECTS = 3
 
     def __init__(self, url: str, *, ice_transport_policy: str = "all", decode: bool = True,
-                 reconnect: bool = False) -> None:
+                 reconnect: bool = False, backoff: Backoff | None = None) -> None:
         self.url = url
         self.decode = decode
         self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        #: ``new`` → ``connected`` ⇄ ``reconnecting`` → ``failed`` (gave up) / ``closed``
+        self.state = "new"
+        #: (monotonic time, state, reason) of every change
+        self.state_changes: list[tuple[float, str, str]] = []
+        #: set when reconnection gave up
+        self.gave_up = asyncio.Event()
+        self._reconnecting = False
+        self._stable: asyncio.Task[None] | None = None
         #: returns the tracks to publish again after a reconnection
         self.republish: Callable[[], list[MediaStreamTrack]] | None = None
         #: set each time a reconnection completed (join and republish)
@@ -137,9 +190,16 @@ class ChorusClient:
             await self._ws.close()
             self._ws = None
 
+    def _set_state(self, state: str, reason: str = "") -> None:
+        if state != self.state:
+            self.state = state
+            self.state_changes.append((time.monotonic(), state, reason))
+            logger.info("chorus client %s%s", state, f" ({reason})" if reason else "")
+
     async def close(self) -> None:
         """Close both peer connections and the websocket (no ``leave``: the server notices the close)."""
         self._closing = True
+        self._set_state("closed")
         await self._tasks.close()
         for pc in (self.publish_pc, self.subscribe_pc):
             if pc is not None:
@@ -181,33 +241,83 @@ class ChorusClient:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionError("websocket closed"))
-        if ws is self._ws and self.reconnect and self._join_args is not None and not self._closing:
-            self._tasks.spawn(self._reconnect(), name="chorus client reconnect")
+        if ws is self._ws:
+            self._failed(f"websocket closed ({ws.close_code})")
 
-    async def _reconnect(self) -> None:
-        """Join again after the websocket dropped: this node first, then the others, with backoff."""
+    def _failed(self, reason: str, *, immediate: bool = False) -> None:
+        """Something broke (or the node drains): reconnect if enabled and not already doing so."""
+        if (self.reconnect and self._join_args is not None and not self._closing and not self._reconnecting
+                and self.state in ("connected", "new")):
+            self._reconnecting = True
+            self._tasks.spawn(self._reconnect(reason, immediate=immediate), name="chorus client reconnect")
+
+    async def _reconnect(self, reason: str, *, immediate: bool = False) -> None:
+        """Join again: this node first, then the others, on the backoff schedule, until joined or giving up."""
         assert self._join_args is not None
-        await self._disconnect()
-        for attempt in itertools.count():
-            await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
-            for url in dict.fromkeys([self.url, *self.nodes]):
-                self.url = url
-                try:
-                    await self.connect()
-                    await self.join(**self._join_args)
-                    if self.republish is not None:
-                        await self.publish(*self.republish())
-                    logger.info("reconnected to %s", self.url)
-                    self.reconnected.set()
+        self._set_state("reconnecting", reason)
+        try:
+            await self._disconnect()
+            first = True
+            while True:
+                delay = 0.0 if first and immediate else self.backoff.next()
+                first = False
+                if delay is None:
+                    self._set_state("failed", f"gave up after {self.backoff.attempt} attempts")
+                    self.gave_up.set()
                     return
-                except (TimeoutError, OSError, aiohttp.ClientError, RequestError, ConnectionError) as exc:
-                    logger.info("reconnection to %s failed: %s", url, exc)
-                    await self._disconnect()
+                await asyncio.sleep(delay)
+                for url in dict.fromkeys([self.url, *self.nodes]):
+                    self.url = url
+                    try:
+                        await self.connect()
+                        await self.join(**self._join_args)
+                        if self.republish is not None:
+                            await self.publish(*self.republish())
+                        logger.info("reconnected to %s", self.url)
+                        self._set_state("connected")
+                        self.reconnected.set()
+                        return
+                    except (TimeoutError, OSError, aiohttp.ClientError, RequestError, ConnectionError) as exc:
+                        logger.info("reconnection to %s failed: %s", url, exc)
+                        await self._disconnect()
+        finally:
+            self._reconnecting = False
+
+    def _watch(self, pc: RTCPeerConnection, name: str) -> None:
+        """Reconnect when ``pc``'s ICE or DTLS fails; reset the backoff after media flowed long enough."""
+
+        @pc.on("connectionstatechange")
+        def changed() -> None:
+            if pc not in (self.publish_pc, self.subscribe_pc):
+                return
+            if pc.connectionState == "failed":
+                self._failed(f"{name} connection failed")
+            self._check_stable()
+
+    def _check_stable(self) -> None:
+        pcs = [pc for pc in (self.publish_pc, self.subscribe_pc) if pc is not None]
+        flowing = self.state == "connected" and bool(pcs) and all(pc.connectionState == "connected" for pc in pcs)
+        if not flowing:
+            if self._stable is not None:
+                self._stable.cancel()
+                self._stable = None
+        elif self._stable is None and self.backoff.attempt:
+            async def stable() -> None:
+                await asyncio.sleep(self.backoff.stable_after)
+                self._stable = None
+                self.backoff.reset()
+
+            self._stable = self._tasks.spawn(stable(), name="chorus client backoff reset")
 
     def _on_event(self, method: str, data: dict[str, Any]) -> None:
         self.events.append((method, data))
         if method == "offer":
             self._offers.put_nowait(data)
+        elif method == "left" and data.get("reason") not in FINAL_LEAVE_REASONS:
+            self._failed(f"left: {data.get('reason')}")
+        elif method == "draining" and data.get("url"):
+            self.url = str(data["url"])
+            self._failed("server draining", immediate=True)
         for waiter in list(self._event_waiters):
             name, predicate, future = waiter
             if name == method and not future.done() and predicate(data):
@@ -298,6 +408,8 @@ class ChorusClient:
         self.room = room
         self._ice_servers = self.joined.get("ice_servers", [])
         self._offer_task = self._tasks.spawn(self._answer_offers(), name="chorus client offers")
+        if self.state == "new":
+            self._set_state("connected")
         return self.joined
 
     def on_track(self, callback: TrackCallback) -> TrackCallback:
@@ -314,6 +426,7 @@ class ChorusClient:
         """
         if self.publish_pc is None:
             self.publish_pc = RTCPeerConnection(self._configuration())
+            self._watch(self.publish_pc, "publish")
         pc = self.publish_pc
         for track in tracks:
             transceiver = pc.addTransceiver(track, direction="sendonly")
@@ -346,6 +459,7 @@ class ChorusClient:
             if self.subscribe_pc is None:
                 self.subscribe_pc = RTCPeerConnection(self._configuration())
                 self.subscribe_pc.on("track", self._on_remote_track)
+                self._watch(self.subscribe_pc, "subscribe")
             pc = self.subscribe_pc
             for consumer in offer.get("consumers", []):
                 self._consumers[consumer["mid"]] = consumer

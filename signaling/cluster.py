@@ -19,6 +19,10 @@ hosting node's websocket URL, and the client joins there. The media of a room li
 candidates are that node's addresses), so the client must talk to that node anyway; relaying signaling
 over Redis would add a hop, and per-session state on two nodes, for nothing.
 
+A draining node (see drain.py) marks itself ``draining`` in its hash and leaves ``load``: nobody places a
+room on it any more, its heartbeat stops renewing its rooms, and :meth:`Cluster.drain` hands each of its rooms
+to the least-loaded other node at once (so a room's participants all move to the same node).
+
 When Redis is unreachable the node stays live (``/healthz``), reports not ready (``/readyz`` 503), keeps
 serving the rooms it hosts (joins to those keep working), refuses rooms it cannot place (``unavailable``),
 and re-registers itself and its rooms once Redis answers again.
@@ -133,6 +137,8 @@ class Cluster:
         self.ws_url = ws_url
         self.http_url = http_base(ws_url)
         self.ready = False
+        #: set by :meth:`drain`: no room is placed here any more
+        self.draining = False
         #: websocket URLs of the live nodes at the last heartbeat (clients fall back on them)
         self.known_nodes: list[str] = [ws_url]
         # After an outage the pool may hold several dead connections: a command that fails on one is retried
@@ -169,11 +175,16 @@ class Cluster:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"ws": self.ws_url, "http": self.http_url, "rooms": len(rooms),
                                     "peers": sum(rooms.values()), "cpu": self._cpu(), "at": time.time(),
-                                    "pid": os.getpid()})
+                                    "pid": os.getpid(), "draining": int(self.draining)})
             pipe.pexpire(key, self._ttl_ms)
-            pipe.zadd(f"{PREFIX}load", {self.node_id: len(rooms)})
+            if self.draining:
+                pipe.zrem(f"{PREFIX}load", self.node_id)
+            else:
+                pipe.zadd(f"{PREFIX}load", {self.node_id: len(rooms)})
             await pipe.execute()
         await self.node_urls()
+        if self.draining:
+            return  # our rooms were handed over: never take them back
         for room in rooms:
             owner = await self._renew(keys=[f"{PREFIX}room:{room}"], args=[self.node_id, self._ttl_ms])
             if owner != self.node_id:
@@ -217,10 +228,12 @@ class Cluster:
         return found
 
     async def node_urls(self) -> list[str]:
-        """Websocket URLs of the live nodes, read now (the last heartbeat's list if Redis is away)."""
+        """Websocket URLs of the live nodes that take rooms, read now (the last heartbeat's list if Redis is
+        away). This node is always listed first, unless it drains."""
         try:
-            self.known_nodes = sorted({str(n["ws"]) for n in (await self.nodes()).values() if n.get("ws")}
-                                      | {self.ws_url})
+            others = sorted({str(n["ws"]) for i, n in (await self.nodes()).items()
+                             if n.get("ws") and i != self.node_id and str(n.get("draining", "0")) != "1"})
+            self.known_nodes = others if self.draining else [self.ws_url, *others]
         except (RedisError, OSError):
             pass
         return self.known_nodes
@@ -241,13 +254,17 @@ class Cluster:
                 return None  # keep serving our own rooms through an outage
             raise Unavailable(f"the cluster registry is unreachable ({type(exc).__name__})") from exc
 
+    async def _candidates(self) -> list[str]:
+        """Nodes that may take a room: live, not draining (and not this one while it drains)."""
+        return [i for i, n in (await self.nodes()).items()
+                if str(n.get("draining", "0")) != "1" and not (self.draining and i == self.node_id)]
+
     async def _place_once(self, room: str, *, hosted_here: bool) -> str | None:
-        if hosted_here:
+        if hosted_here and not self.draining:
             owner = await self._renew(keys=[f"{PREFIX}room:{room}"], args=[self.node_id, self._ttl_ms])
         else:
-            nodes = await self.nodes()
             owner = await self._place(keys=[f"{PREFIX}room:{room}", f"{PREFIX}load"],
-                                      args=[self._ttl_ms, *nodes])
+                                      args=[self._ttl_ms, *await self._candidates()])
         if owner is None:
             raise Unavailable("no live node can host the room")
         if owner == self.node_id:
@@ -257,9 +274,31 @@ class Cluster:
             raise Unavailable(f"room {room!r} is being moved; try again")
         return str(url)
 
+    async def drain(self, rooms: list[str]) -> dict[str, str | None]:
+        """
+        Stop taking rooms and hand ``rooms`` (hosted here) to other nodes now.
+
+        :returns: room → websocket URL of the node that hosts it from now on (``None`` when no other node
+            could take it, or Redis is away).
+        """
+        self.draining = True
+        moved: dict[str, str | None] = {}
+        try:
+            await self.beat()  # "draining" in our hash, out of the load set: nobody places here any more
+            for room in rooms:
+                await self.release(room)
+                moved[room] = await self._place_once(room, hosted_here=False)
+        except (RedisError, OSError, Unavailable) as exc:
+            self._log.warning("cannot hand rooms to other nodes", error=f"{type(exc).__name__}: {exc}")
+        for room in rooms:
+            moved.setdefault(room, None)
+        self._log.info("draining: rooms handed over", rooms=len(rooms),
+                       moved=sum(1 for url in moved.values() if url))
+        return moved
+
     async def release(self, room: str) -> None:
         try:
-            if await self._release(keys=[f"{PREFIX}room:{room}"], args=[self.node_id]):
+            if await self._release(keys=[f"{PREFIX}room:{room}"], args=[self.node_id]) and not self.draining:
                 await self._redis.zincrby(f"{PREFIX}load", -1, self.node_id)
         except (RedisError, OSError):
             pass  # it expires by itself

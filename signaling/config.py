@@ -5,12 +5,13 @@ variables (the environment wins). Every field has a default, so ``chorus serve``
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chorus.turn.credentials import check_secret
@@ -23,6 +24,19 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the HTTP/websocket server listens on.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP/websocket port (0 picks a free one).")
+    # --- TLS (HTTPS and WSS on the same port; see README "Deploy") ----------------------------------------
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: with tls_key, Chorus serves HTTPS and "
+                                  "WSS on its port. Re-read on SIGHUP.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Addresses or networks (CIDR) of reverse proxies whose "
+        "X-Forwarded-For is believed; from anyone else the header is ignored. Per-address limits and logs then "
+        "use the client's address, e.g. [\"127.0.0.1\"] behind a Caddy on the same host.",
+    )
+    rtc_min_port: int | None = Field(None, ge=1024, le=65535, description="Lowest UDP port of the media plane's "
+                                     "ICE sockets (with rtc_max_port; unset: any port the kernel picks). Each "
+                                     "participant uses two ports (publish and subscribe connection).")
+    rtc_max_port: int | None = Field(None, ge=1024, le=65535, description="Highest UDP port of the media plane.")
     ice_host_addresses: list[str] = Field(
         default_factory=lambda: ["127.0.0.1"],
         description="Addresses the media plane advertises as ICE host candidates. Loopback by default, "
@@ -106,15 +120,47 @@ class Settings(BaseSettings):
     max_tracks_per_peer: int = Field(4, ge=1, description="Tracks one participant may publish at most.")
     join_rate_per_ip: float = Field(5.0, gt=0, description="Joins per second allowed per client IP (sustained).")
     join_burst_per_ip: int = Field(20, ge=1, description="Joins allowed per client IP in a burst.")
+    max_connections: int = Field(5000, ge=1, description="Websockets open at once at most; more are refused "
+                                 "with HTTP 429 before the upgrade.")
+    max_connections_per_ip: int = Field(100, ge=1, description="Websockets open at once from one client address "
+                                        "at most (HTTP 429 before the upgrade beyond).")
+    join_timeout: float = Field(10.0, gt=0, description="Seconds a websocket may stay open without joining a "
+                                "room; then it is closed (4008 \"join timeout\").")
     allowed_origins: list[str] | None = Field(
         None, description="If set, websocket upgrades whose Origin header is not in this list are refused "
         "(403). Requests without an Origin (non-browser clients) are allowed.",
     )
 
+    # --- shutdown and health -------------------------------------------------------------------------------
+    drain_timeout: float = Field(60.0, ge=0, description="On SIGTERM or POST /api/drain: seconds to wait for the "
+                                 "rooms to empty (participants move to another node by themselves in a cluster) "
+                                 "before closing what is left and exiting.")
+    loop_lag_warning: float = Field(0.1, gt=0, description="Event-loop lag (seconds) above which a warning is "
+                                    "logged; reported in /readyz and /metrics.")
+    debug_hooks: bool = Field(False, description="Test-only admin routes (POST /api/debug/block). Never in "
+                              "production.")
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest websocket message accepted.")
     web_root: Path | None = Field(None, description="Folder served at /; the bundled page by default.")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if (self.rtc_min_port is None) != (self.rtc_max_port is None):
+            raise ValueError("rtc_min_port and rtc_max_port go together: set both or neither")
+        if self.rtc_min_port is not None and self.rtc_max_port is not None and self.rtc_min_port > self.rtc_max_port:
+            raise ValueError("rtc_min_port must not be above rtc_max_port")
+        for entry in self.trusted_proxies:
+            ipaddress.ip_network(entry, strict=False)  # ValueError names the bad entry
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with a certificate, else ``http``."""
+        return "https" if self.tls_cert is not None else "http"
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> Settings:

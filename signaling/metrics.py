@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from chorus.sfu import stats
 
+from .loophealth import BUCKETS, LoopMonitor
 from .room import RoomRegistry
 
 #: Prometheus name, help, and the process counter (sfu.stats) behind it.
@@ -77,6 +78,24 @@ class MediaCollector(Collector):
             yield CounterMetricFamily(name, doc, value=totals[counter])
 
 
+class LoopCollector(Collector):
+    """The event loop's lag (see loophealth.py)."""
+
+    def __init__(self, monitor: LoopMonitor) -> None:
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
+        m = self._monitor
+        yield GaugeMetricFamily("chorus_event_loop_lag_seconds",
+                                f"Worst event-loop lag of the last {m.window:g} s", value=m.recent_max)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*[str(b) for b in BUCKETS], "+Inf"), m.buckets, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily("chorus_event_loop_lag_samples_seconds", "Event-loop lag samples",
+                                    buckets=buckets, sum_value=m.total)
+
+
 class Metrics:
     """The metrics of one Chorus app."""
 
@@ -85,6 +104,10 @@ class Metrics:
         self.errors = Counter("chorus_signaling_errors", "Error responses sent, by code", ["code"],
                               registry=self.registry)
         self.sessions = Counter("chorus_websocket_sessions", "Websocket sessions opened", registry=self.registry)
+        self.refused = Counter("chorus_connections_refused", "Websocket upgrades refused (HTTP 429), by reason",
+                               ["reason"], registry=self.registry)
+        self.join_timeouts = Counter("chorus_join_timeouts", "Websockets closed for not joining in time",
+                                     registry=self.registry)
         self.webhooks = Counter("chorus_webhooks", "Webhook deliveries, by outcome", ["outcome"],
                                 registry=self.registry)
 
@@ -92,5 +115,21 @@ class Metrics:
         """Report the media plane of ``rooms``."""
         self.registry.register(MediaCollector(rooms))
 
+    def watch_loop(self, monitor: LoopMonitor) -> None:
+        """Report the event loop's lag."""
+        self.registry.register(LoopCollector(monitor))
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """A gauge read from ``read()`` on every scrape."""
+        self.registry.register(_Read(name, doc, read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Read(Collector):
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self._name, self._doc, self._read = name, doc, read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._doc, value=self._read())

@@ -17,6 +17,7 @@ from . import protocol
 from .auth import Grants, forbidden
 from .cluster import Cluster, Redirect
 from .config import Settings
+from .drain import Drain
 from .limits import RateLimiter
 from .protocol import ProtocolError, bad_request, get_bool, get_optional_str, get_sdp, get_str
 from .room import Room, RoomRegistry
@@ -25,6 +26,8 @@ logger = logging.getLogger("chorus.session")
 
 #: Notifications queued for a client that does not read them; past this the session is closed.
 MAX_PENDING_NOTIFICATIONS = 2000
+#: Close code of a websocket that did not join a room within ``join_timeout`` (reason "join timeout").
+CLOSE_JOIN_TIMEOUT = 4008
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -41,8 +44,14 @@ class Session:
     def __init__(self, ws: web.WebSocketResponse, registry: RoomRegistry, settings: Settings, *,
                  ice_servers: Callable[[str], list[dict[str, Any]]], verify_token: Callable[[object], Grants],
                  remote: str | None, join_limiter: RateLimiter | None = None, cluster: Cluster | None = None,
-                 on_error: Callable[[str], None] = lambda code: None) -> None:
+                 drain: Drain | None = None, on_error: Callable[[str], None] = lambda code: None,
+                 on_join_timeout: Callable[[], None] = lambda: None) -> None:
         self.cluster = cluster
+        self.drain = drain
+        self._on_join_timeout = on_join_timeout
+        #: when this session last had no peer (it must join within ``join_timeout`` of it)
+        self._idle_since = time.monotonic()
+        self._handling = False
         self.ws = ws
         self.registry = registry
         self.settings = settings
@@ -94,11 +103,26 @@ class Session:
         try:
             async with asyncio.TaskGroup() as tasks:
                 writer = tasks.create_task(self._writer(), name="ws writer")
+                watchdog = tasks.create_task(self._join_watchdog(), name="ws join timeout")
                 await self._reader()
+                watchdog.cancel()
                 self._outbox.put_nowait(None)
                 await writer
         finally:
-            await self._leave("disconnected")
+            await self._leave("drained" if self.drain is not None and self.drain.draining else "disconnected")
+
+    async def _join_watchdog(self) -> None:
+        """Close the websocket once it has spent ``join_timeout`` seconds without a peer (never joined, or
+        left and stayed): an idle socket holds a connection slot and memory for nothing."""
+        timeout = self.settings.join_timeout
+        while True:
+            idle_for = time.monotonic() - self._idle_since
+            if self.peer is None and not self._handling and idle_for >= timeout:
+                self.log.info("closing a websocket that did not join", timeout_s=timeout)
+                self._on_join_timeout()
+                await self.ws.close(code=CLOSE_JOIN_TIMEOUT, message=b"join timeout")
+                return
+            await asyncio.sleep(max(0.05, timeout - idle_for) if self.peer is None else timeout)
 
     async def _reader(self) -> None:
         async for message in self.ws:
@@ -112,6 +136,7 @@ class Session:
 
     async def _handle(self, text: str) -> None:
         request_id: int | None = None
+        self._handling = True
         try:
             request = protocol.parse_request(text)
             request_id = request.id
@@ -129,6 +154,8 @@ class Session:
             self.log.error("request failed", exc_info=True, request=request_id)
             self._on_error("internal_error")
             self._send(protocol.error_response(request_id, "internal_error", "the server failed to handle this"))
+        finally:
+            self._handling = False
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -141,11 +168,13 @@ class Session:
         """The server took this session's peer out of its room (kicked, failed, room closed)."""
         self.room = self.peer = None
         self.grants = None
+        self._idle_since = time.monotonic()
         self.notify("left", {"reason": reason})
 
     async def _leave(self, reason: str) -> None:
         room, peer = self.room, self.peer
         self.room = self.peer = None
+        self._idle_since = time.monotonic()
         if room is not None and peer is not None:
             await room.leave(peer.id, reason)
 
@@ -179,6 +208,13 @@ class Session:
             mcu = McuOptions.from_dict(data["mcu"]) if data.get("mcu") is not None else None
         except ValueError as exc:
             raise bad_request(str(exc)) from None
+        if self.drain is not None and self.drain.draining:
+            # Shutting down: in a cluster, send the client to the node that now hosts the room.
+            if self.cluster is not None:
+                url = await self.cluster.place(room_id, hosted_here=False)
+                if url is not None:
+                    raise Redirect(room_id, url)
+            self.drain.refuse("new joins")
         if self.cluster is not None:
             # Rooms live on one node of the cluster: join there (the client follows the redirect).
             url = await self.cluster.place(room_id, hosted_here=room_id in self.registry.rooms)

@@ -21,9 +21,12 @@ from typing import Any
 
 import aiohttp
 
+from .accesslog import redact_url
+
 logger = logging.getLogger("chorus.webhooks")
 
-EVENTS = ("room_started", "room_finished", "participant_joined", "participant_left", "track_published")
+EVENTS = ("room_started", "room_finished", "participant_joined", "participant_left", "track_published",
+          "node_draining", "node_drained")
 RETRY_DELAYS = (0.5, 1.0, 2.0)
 MAX_QUEUED = 10_000
 
@@ -65,8 +68,20 @@ class WebhookSender:
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
             while True:
                 event, body, delivery = await self._queue.get()
-                for url in self.urls:
-                    await self._deliver(session, url, event, body, delivery)
+                try:
+                    for url in self.urls:
+                        await self._deliver(session, url, event, body, delivery)
+                finally:
+                    self._queue.task_done()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every queued event was delivered (or given up), at most ``timeout`` seconds. Returns
+        whether the queue is empty."""
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _deliver(self, session: aiohttp.ClientSession, url: str, event: str, body: bytes,
                        delivery: int) -> None:
@@ -88,5 +103,6 @@ class WebhookSender:
             except (TimeoutError, aiohttp.ClientError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             logger.warning("webhook delivery failed", extra={"chorus": {
-                "url": url, "event": event, "delivery": delivery, "attempt": attempt + 1, "problem": problem}})
+                "url": redact_url(url), "event": event, "delivery": delivery, "attempt": attempt + 1,
+                "problem": problem}})
         self._on_outcome("failed")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,11 @@ from chorus.sfu import aiortc_adapter
 from chorus.signaling.client import ChorusClient
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: For HTTPS test servers with self-signed certificates.
+UNVERIFIED = ssl.create_default_context()
+UNVERIFIED.check_hostname = False
+UNVERIFIED.verify_mode = ssl.CERT_NONE
 
 # Test clients gather ICE candidates on loopback only: no traffic leaves this machine.
 aiortc_adapter.set_host_addresses(["127.0.0.1"])
@@ -33,23 +40,29 @@ class ServerProcess:
     """A ``chorus serve`` subprocess; its log is kept for assertions."""
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, *, host: str = "127.0.0.1",
-                 port: int | None = None) -> None:
+                 port: int | None = None, args: list[str] | None = None, tls: bool = False,
+                 prefix: list[str] | None = None) -> None:
+        """``args``: more ``chorus serve`` arguments; ``tls``: it serves HTTPS/WSS (certificates are not
+        verified by the helpers here); ``prefix``: run it under this (e.g. ``ip netns exec NAME``)."""
         self.host = host
         self.port = port or free_port()
+        self.scheme = "https" if tls else "http"
         self.log_path = tmp / f"chorus-{self.port}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chorus.signaling", "serve", "--host", host, "--port", str(self.port)],
+            [*(prefix or []), sys.executable, "-m", "chorus.signaling", "serve", "--host", host,
+             "--port", str(self.port), *(args or [])],
             cwd=tmp,  # the installed package runs, not whatever the repository root holds
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            # Stopping (SIGTERM) drains: at most 3 s here, so a test's leftovers never slow the suite down.
             env={**os.environ, "CHORUS_LOG_LEVEL": "info", "CHORUS_DEV_MODE": "1", "CHORUS_JOIN_RATE_PER_IP": "1000",
-                 "CHORUS_JOIN_BURST_PER_IP": "1000", **(env or {})},
+                 "CHORUS_JOIN_BURST_PER_IP": "1000", "CHORUS_DRAIN_TIMEOUT": "3", **(env or {})},
         )
         deadline = time.monotonic() + 20
         while True:
             try:
-                urllib.request.urlopen(f"{self.http_url}/healthz", timeout=1).read()
+                self.get("/healthz", timeout=1)
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -58,11 +71,20 @@ class ServerProcess:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.port}/ws"
+        return f"{'wss' if self.scheme == 'https' else 'ws'}://{self.host}:{self.port}/ws"
+
+    def get(self, path: str, *, timeout: float = 5, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """GET ``path``: (status, body); HTTP errors are returned, not raised. Certificates are not verified."""
+        request = urllib.request.Request(self.http_url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout, context=UNVERIFIED) as response:
+                return int(response.status), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
 
     def log(self) -> str:
         if not self._log.closed:

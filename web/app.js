@@ -5,17 +5,54 @@ import { RoomClient } from './chorus-client.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
+const token = takeToken(params);
 const tiles = new Map(); // peer id -> {el, video, stream}
 let client = null;
 let localStream = null;
 
 const STATUS_TEXT = {
   connecting: 'connecting…', connected: 'connected', reconnecting: 'reconnecting…', closed: 'left',
+  failed: 'connection lost',
 };
+
+// A room token in the address (?token=...) must not stay in the address bar, the history or bookmarks: it
+// is taken out at once and kept for this tab only (a reload joins again with it).
+function takeToken(query) {
+  const key = `chorus-token:${query.get('room') || ''}`;
+  const fromUrl = query.get('token');
+  if (fromUrl) {
+    sessionStorage.setItem(key, fromUrl);
+    query.delete('token');
+    history.replaceState(null, '', `${location.pathname}${query.size ? `?${query}` : ''}${location.hash}`);
+  }
+  return fromUrl || sessionStorage.getItem(key) || undefined;
+}
 
 function setStatus(state, text = STATUS_TEXT[state] || state) {
   $('status').textContent = text;
   $('status').dataset.state = state;
+}
+
+// The connection's state in words: while reconnecting, when the next attempt starts and which it is.
+let statusTimer = null;
+function showConnection(detail) {
+  clearInterval(statusTimer);
+  const { state, attempt, maxAttempts, retryAt } = detail;
+  const render = () => {
+    if (state === 'reconnecting' || (state === 'connecting' && retryAt)) {
+      const wait = retryAt ? Math.max(0, Math.ceil((retryAt - Date.now()) / 1000)) : 0;
+      setStatus(state, `${wait ? `reconnecting in ${wait} s` : 'reconnecting…'} (attempt ${attempt} of ${maxAttempts})`);
+    } else {
+      setStatus(state);
+    }
+    $('status').dataset.attempt = attempt;
+  };
+  render();
+  if (retryAt) statusTimer = setInterval(render, 500);
+  if (state === 'failed') {
+    showError(`Connection lost: gave up after ${attempt} attempts${detail.reason ? ` (${detail.reason})` : ''}. `
+      + 'Reload the page to try again.');
+  }
 }
 
 function showError(message) {
@@ -95,10 +132,16 @@ async function start({ room, name, token }) {
   resetControls();
   setStatus('connecting');
 
-  client = new RoomClient({ iceTransportPolicy: params.get('ice') === 'relay' ? 'relay' : 'all' });
+  // window.chorusReconnect (set before this script runs) may shorten the reconnection schedule (tests).
+  client = new RoomClient({
+    iceTransportPolicy: params.get('ice') === 'relay' ? 'relay' : 'all', reconnect: window.chorusReconnect,
+  });
   window.chorus = client;
   window.chorusReady = false;
-  client.on('connection-state', ({ state }) => { setStatus(state); updateCount(); });
+  client.on('connection-state', (detail) => { showConnection(detail); updateCount(); });
+  client.on('draining', ({ deadline, url }) => {
+    if (!url) showError(`The server is restarting: the call may drop at ${new Date(deadline * 1000).toLocaleTimeString()}.`);
+  });
   // In an MCU room everyone arrives mixed in one composite (from peer 'mcu'): no tile per participant.
   client.on('peer-joined', ({ peer }) => { if (client.mode !== 'mcu') addTile(peer); updateCount(); });
   client.on('peer-left', ({ peerId }) => { removeTile(peerId); updateCount(); });
@@ -195,7 +238,7 @@ const name = params.get('name');
 $('room-input').value = room || '';
 $('name-input').value = name || '';
 if (room && name) {
-  start({ room, name, token: params.get('token') || undefined });
+  start({ room, name, token });
 } else {
   $('join-form').hidden = false;
 }

@@ -100,6 +100,8 @@ export class SignalClient extends Emitter {
   _closed(code, reason) {
     if (this.closed) return;
     this.closed = true;
+    this.closeCode = code;
+    this.closeReason = reason;
     const error = new ChorusError('closed', reason);
     this._rejectReady(error);
     for (const { reject, timer } of this._pending.values()) {
@@ -113,6 +115,44 @@ export class SignalClient extends Emitter {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/**
+ * Reconnection schedule: exponential backoff with jitter. The n-th consecutive failure waits a random
+ * time in [½, 1] × min(maxDelay, initialDelay × 2^n); after `maxAttempts` consecutive failed attempts the
+ * client gives up (state 'failed'). The count starts again only after `stableAfter` ms of media flowing
+ * (a connection that fails again within 10 s keeps climbing the schedule). Defaults: 1 s, 2 s, 4 s, 8 s,
+ * 16 s, then 20 s; giving up after 12 attempts (about three minutes).
+ */
+export const RECONNECT_DEFAULTS = Object.freeze({
+  initialDelay: 1000, maxDelay: 20000, maxAttempts: 12, stableAfter: 10000,
+});
+
+export class Backoff {
+  constructor(options = {}) {
+    Object.assign(this, RECONNECT_DEFAULTS, options);
+    this.attempt = 0; // failures since the last reset
+  }
+
+  /** The delay before the next attempt (ms), or null when it is time to give up. */
+  next(random = Math.random) {
+    if (this.attempt >= this.maxAttempts) return null;
+    const ceiling = Math.min(this.maxDelay, this.initialDelay * 2 ** this.attempt);
+    this.attempt += 1;
+    return Math.round(ceiling / 2 + random() * (ceiling / 2));
+  }
+
+  reset() {
+    this.attempt = 0;
+  }
+}
+
+// Errors that another attempt cannot fix: reported at once instead of retried.
+const PERMANENT_ERRORS = new Set([
+  'unauthorized', 'forbidden', 'bad_request', 'unsupported_version', 'invalid_state', 'limit_exceeded',
+  'not_found', 'unsupported_codec',
+]);
+// Reasons in a 'left' notification after which we must not rejoin by ourselves.
+const FINAL_LEAVE_REASONS = new Set(['kicked', 'replaced', 'closed by admin']);
+
 // Liveness: a websocket over a dead network stays "open" for minutes (TCP retransmits quietly), so the
 // client pings and reconnects when an answer does not come back in time.
 const PING_INTERVAL_MS = 3000;
@@ -125,7 +165,12 @@ function defaultUrl() {
 /**
  * One participant of a room.
  *
- * State (`state`, reported by 'connection-state'): new → connecting → connected ⇄ reconnecting → closed.
+ * State (`state`, reported by 'connection-state'): new → connecting → connected ⇄ reconnecting → closed, or
+ * → failed when reconnection gives up (see Backoff; `reconnect` options override RECONNECT_DEFAULTS).
+ * Every failure — the websocket closing or missing pings, a peer connection's ICE or DTLS failing, the
+ * server dropping us — leads to 'reconnecting': the client waits its backoff delay, then joins again with
+ * the same identity (on another node of the cluster if this one is gone) and publishes again.
+ * A `draining` notification with a `url` (the node is shutting down) moves us there at once.
  *
  * Events (detail):
  *   peer-joined      {peerId, peer}            peer = {id, name, tracks: [{id, kind, muted}]}
@@ -133,13 +178,20 @@ function defaultUrl() {
  *   track-added      {peerId, trackId, kind, track, muted, mid}   track is a MediaStreamTrack
  *   track-removed    {peerId, trackId, kind, track}
  *   track-muted      {peerId, trackId, kind, muted}
- *   connection-state {state, publish, subscribe}  the last two are the PeerConnections' connectionState
+ *   connection-state {state, publish, subscribe, attempt, maxAttempts, retryAt, reason}
+ *                    publish/subscribe: the PeerConnections' connectionState; while reconnecting, attempt
+ *                    counts the failed attempts, retryAt (Date.now() ms) is when the next one starts
+ *   draining         {deadline, url}           the server shuts down (deadline: Unix time, seconds)
  *   closed           {reason}
  */
 export class RoomClient extends Emitter {
-  constructor({ url = defaultUrl(), iceTransportPolicy = 'all' } = {}) {
+  constructor({ url = defaultUrl(), iceTransportPolicy = 'all', reconnect = {} } = {}) {
     super();
     this.url = url;
+    this.backoff = new Backoff(reconnect || {});
+    this.retryAt = null; // while reconnecting: when the next attempt starts (ms since the epoch)
+    this.lastError = null; // why the last attempt or connection failed
+    this._stableTimer = null;
     this.iceTransportPolicy = iceTransportPolicy;
     this.state = 'new';
     this.signal = null;
@@ -164,20 +216,36 @@ export class RoomClient extends Emitter {
    * instead of showing a duplicate. With a token the server uses the token's identity instead.
    */
   async join({ room, name, token, identity } = {}) {
-    if (this.state !== 'new' && this.state !== 'closed') {
+    if (this.state !== 'new' && this.state !== 'closed' && this.state !== 'failed') {
       throw new ChorusError('invalid_state', `cannot join while ${this.state}`);
     }
     identity = identity || this.identity || `id-${Math.random().toString(36).slice(2, 12)}`;
     Object.assign(this, { room, name, token, identity });
     this._setState('connecting');
-    try {
-      const response = await this._connect();
-      this._setState('connected');
-      return response;
-    } catch (error) {
-      this._teardown();
-      this._setState('closed');
-      throw error;
+    this.backoff.reset();
+    // The first join is retried like a reconnection (a server restarting, a full node), except for
+    // errors another attempt cannot fix.
+    for (;;) {
+      try {
+        const response = await this._connect();
+        if (this.state !== 'connecting') throw new ChorusError('closed', 'left while joining');
+        this._setState('connected');
+        return response;
+      } catch (error) {
+        this._teardown();
+        this.lastError = error;
+        const delay = PERMANENT_ERRORS.has(error.code) || this.state !== 'connecting' ? null : this.backoff.next();
+        if (delay === null) {
+          if (this.state === 'connecting') this._setState(PERMANENT_ERRORS.has(error.code) ? 'closed' : 'failed');
+          throw error;
+        }
+        console.warn(`chorus: join failed (${error.message}); retrying in ${delay} ms`);
+        this.retryAt = Date.now() + delay;
+        this._emitConnectionState();
+        await sleep(delay);
+        this.retryAt = null;
+        if (this.state !== 'connecting') throw new ChorusError('closed', 'left while joining');
+      }
     }
   }
 
@@ -210,6 +278,10 @@ export class RoomClient extends Emitter {
   /** Leave the room and close the websocket. Idempotent. */
   async leave() {
     if (this.state === 'closed' || this.state === 'new') return;
+    if (this.state === 'failed') {
+      this._setState('closed');
+      return;
+    }
     const signal = this.signal;
     const wasConnected = this.state === 'connected';
     this._setState('closed'); // stops any reconnection
@@ -250,7 +322,10 @@ export class RoomClient extends Emitter {
       track_unpublished: (d) => this._onTrackUnpublished(d),
       track_muted: (d) => this._onTrackMuted(d),
       offer: (d) => this._onOffer(signal, d),
-      left: () => this._reconnect(), // the server dropped us (e.g. a failed media connection)
+      // The server dropped us (e.g. a failed media connection, or it shuts down): join again, unless
+      // it was meant (kicked, or this identity joined elsewhere).
+      left: (d) => (FINAL_LEAVE_REASONS.has(d.reason) ? this._finalLeft(d.reason) : this._reconnect(d.reason)),
+      draining: (d) => this._onDraining(d),
     };
     for (const [method, fn] of Object.entries(handlers)) {
       signal.on(method, (data) => signal === this.signal && fn(data));
@@ -280,24 +355,57 @@ export class RoomClient extends Emitter {
         return;
       }
       signal.request('ping', {}, { timeout: PING_TIMEOUT_MS }).catch(() => {
-        if (signal === this.signal && this.state === 'connected') this._reconnect();
+        if (signal === this.signal && this.state === 'connected') this._reconnect('no answer to ping');
       });
     }, PING_INTERVAL_MS);
     signal.on('close', () => clearInterval(timer));
   }
 
   _onSignalClose(signal) {
-    if (signal === this.signal && this.state === 'connected') this._reconnect();
+    if (signal === this.signal && this.state === 'connected') {
+      this._reconnect(`websocket closed (${signal.closeCode || 'no code'})`);
+    }
   }
 
-  // Retry with backoff until joined (and published) again, or until leave().
-  async _reconnect() {
+  _finalLeft(reason) {
+    this._setState('closed');
+    this._teardown();
+    for (const peerId of [...this.peers.keys()]) this._peerLeft(peerId);
+    this.emit('closed', { reason });
+  }
+
+  // The server is shutting down. With a url (another node of the cluster), move there now; without,
+  // the call goes on until the server closes it at `deadline`, and we reconnect then.
+  _onDraining({ deadline, url }) {
+    this.emit('draining', { deadline, url: url || null });
+    if (url && this.state === 'connected') {
+      this.url = url;
+      this._reconnect('server draining', { immediate: true });
+    }
+  }
+
+  // Retry with backoff until joined (and published) again, leave(), or giving up (state 'failed').
+  async _reconnect(reason = 'connection lost', { immediate = false } = {}) {
     if (this.state !== 'connected') return;
+    console.warn(`chorus: ${reason}; reconnecting`);
+    this.lastError = new ChorusError('disconnected', reason);
     this._setState('reconnecting');
     this._teardown();
-    for (let attempt = 0; this.state === 'reconnecting'; attempt++) {
-      await sleep(Math.min(500 * 2 ** attempt, 5000));
+    for (let first = true; this.state === 'reconnecting'; first = false) {
+      const delay = first && immediate ? 0 : this.backoff.next();
+      if (delay === null) {
+        console.warn(`chorus: giving up after ${this.backoff.attempt} failed attempts`);
+        this._setState('failed');
+        for (const peerId of [...this.peers.keys()]) this._peerLeft(peerId);
+        this.emit('closed', { reason: 'gave up reconnecting' });
+        return;
+      }
+      this.retryAt = Date.now() + delay;
+      this._emitConnectionState();
+      if (delay) await sleep(delay);
+      this.retryAt = null;
       if (this.state !== 'reconnecting') return;
+      this._emitConnectionState();
       try {
         await this._connect();
         await this._publish();
@@ -305,11 +413,29 @@ export class RoomClient extends Emitter {
         return;
       } catch (error) {
         console.warn('chorus: reconnection failed', error);
+        this.lastError = error;
         if (this.state === 'reconnecting') this._teardown();
         // Try the next node of the cluster (any node redirects to the one hosting the room).
         const urls = [...new Set([this.url, ...(this.nodes || [])])];
         this.url = urls[(urls.indexOf(this.url) + 1) % urls.length];
       }
+    }
+  }
+
+  // The backoff starts again from its first step only once media has flowed for `stableAfter` ms: every
+  // peer connection we have is connected, and stays so.
+  _watchStability() {
+    const pcs = [this.publishPc, this.subscribePc].filter(Boolean);
+    const flowing = this.state === 'connected' && pcs.length > 0 && pcs.every((pc) => pc.connectionState === 'connected');
+    if (!flowing) {
+      clearTimeout(this._stableTimer);
+      this._stableTimer = null;
+    } else if (!this._stableTimer && this.backoff.attempt > 0) {
+      this._stableTimer = setTimeout(() => {
+        this._stableTimer = null;
+        this.backoff.reset();
+        this._emitConnectionState();
+      }, this.backoff.stableAfter);
     }
   }
 
@@ -333,10 +459,15 @@ export class RoomClient extends Emitter {
   }
 
   _emitConnectionState() {
+    this._watchStability();
     this.emit('connection-state', {
       state: this.state,
       publish: this.publishPc?.connectionState || 'none',
       subscribe: this.subscribePc?.connectionState || 'none',
+      attempt: this.backoff.attempt,
+      maxAttempts: this.backoff.maxAttempts,
+      retryAt: this.retryAt,
+      reason: this.lastError ? this.lastError.reason || this.lastError.message : null,
     });
   }
 
@@ -360,7 +491,8 @@ export class RoomClient extends Emitter {
     pc.onconnectionstatechange = () => {
       if (!current()) return;
       this._emitConnectionState();
-      if (pc.connectionState === 'failed') this._reconnect();
+      // 'failed': ICE found no working path, or DTLS failed (a bad handshake, or consent lost).
+      if (pc.connectionState === 'failed') this._reconnect(`${target} connection failed`);
     };
     if (target === 'subscribe') pc.ontrack = ({ transceiver }) => this._addRemoteTrack(transceiver);
     return pc;
