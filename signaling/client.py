@@ -123,8 +123,13 @@ class ChorusClient:
     MAX_REDIRECTS = 3
 
     def __init__(self, url: str, *, ice_transport_policy: str = "all", decode: bool = True,
-                 reconnect: bool = False, backoff: Backoff | None = None) -> None:
+                 reconnect: bool = False, backoff: Backoff | None = None, local_address: str | None = None,
+                 ssl: bool | None = None) -> None:
         self.url = url
+        #: bind the websocket's TCP connection to this local address (e.g. another loopback address)
+        self.local_address = local_address
+        #: ``False``: do not verify the server's certificate (self-signed trials)
+        self.ssl = ssl
         self.decode = decode
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
@@ -168,8 +173,10 @@ class ChorusClient:
 
     async def connect(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
-        self._ws = await self._session.ws_connect(self.url, heartbeat=15.0)
+            local = (self.local_address, 0) if self.local_address else None
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=local))
+        self._ws = await self._session.ws_connect(self.url, heartbeat=15.0,
+                                                  ssl=self.ssl if self.ssl is not None else True)
         self._reader = self._tasks.spawn(self._read(self._ws), name="chorus client reader")
 
     async def _disconnect(self) -> None:

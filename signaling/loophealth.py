@@ -47,6 +47,8 @@ class LoopMonitor:
         self._worst_since_warning = 0.0
         self._last_warning = -float("inf")
         self._lagging = False
+        #: warnings logged so far
+        self.warnings = 0
 
     @property
     def recent_max(self) -> float:
@@ -77,6 +79,7 @@ class LoopMonitor:
                 logger.warning("event loop lagging", lag_ms=round(self._worst_since_warning * 1000, 1),
                                samples_over=self._over, threshold_ms=round(self.threshold * 1000, 1))
                 self._last_warning = now
+                self.warnings += 1
                 self._over = 0
                 self._worst_since_warning = 0.0
             self._lagging = True

@@ -61,7 +61,7 @@ function showError(message) {
 }
 
 function updateCount() {
-  const n = client && client.state !== 'closed' ? client.peers.size + 1 : 0;
+  const n = client && !['closed', 'failed'].includes(client.state) ? client.peers.size + 1 : 0;
   $('count').textContent = n ? `${n} participant${n === 1 ? '' : 's'}` : '';
   $('count').dataset.count = n;
 }

@@ -120,10 +120,11 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
  * time in [½, 1] × min(maxDelay, initialDelay × 2^n); after `maxAttempts` consecutive failed attempts the
  * client gives up (state 'failed'). The count starts again only after `stableAfter` ms of media flowing
  * (a connection that fails again within 10 s keeps climbing the schedule). Defaults: 1 s, 2 s, 4 s, 8 s,
- * 16 s, then 20 s; giving up after 12 attempts (about three minutes).
+ * 16 s, then 20 s; giving up after 12 attempts (about three minutes). A peer connection that is not
+ * connected `connectTimeout` ms after its negotiation counts as failed (browsers may take 30 s to say so).
  */
 export const RECONNECT_DEFAULTS = Object.freeze({
-  initialDelay: 1000, maxDelay: 20000, maxAttempts: 12, stableAfter: 10000,
+  initialDelay: 1000, maxDelay: 20000, maxAttempts: 12, stableAfter: 10000, connectTimeout: 15000,
 });
 
 export class Backoff {
@@ -241,6 +242,7 @@ export class RoomClient extends Emitter {
         }
         console.warn(`chorus: join failed (${error.message}); retrying in ${delay} ms`);
         this.retryAt = Date.now() + delay;
+        this.retryDelay = delay;
         this._emitConnectionState();
         await sleep(delay);
         this.retryAt = null;
@@ -401,6 +403,7 @@ export class RoomClient extends Emitter {
         return;
       }
       this.retryAt = Date.now() + delay;
+      this.retryDelay = delay;
       this._emitConnectionState();
       if (delay) await sleep(delay);
       this.retryAt = null;
@@ -498,6 +501,17 @@ export class RoomClient extends Emitter {
     return pc;
   }
 
+  // A negotiated connection that does not connect in time has failed, whatever the browser says yet.
+  _armConnectTimer(pc, target) {
+    if (pc._connectTimer) return;
+    pc._connectTimer = setTimeout(() => {
+      const stuck = pc.connectionState === 'new' || pc.connectionState === 'connecting';
+      if (stuck && pc === this[`${target}Pc`] && this.state === 'connected') {
+        this._reconnect(`${target} connection not established in ${this.backoff.connectTimeout / 1000} s`);
+      }
+    }, this.backoff.connectTimeout);
+  }
+
   _trickle(target, candidate) {
     this.signal?.request('trickle', { target, candidate }).catch((error) => {
       console.debug('chorus: trickle failed', error);
@@ -520,6 +534,7 @@ export class RoomClient extends Emitter {
     const answer = await this.signal.request('publish', { type: 'offer', sdp: pc.localDescription.sdp });
     if (pc !== this.publishPc) return;
     await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
+    this._armConnectTimer(pc, 'publish');
     this._flushCandidates('publish');
     const transceivers = pc.getTransceivers();
     this.localTracks = answer.tracks.map((t) => ({
@@ -563,6 +578,7 @@ export class RoomClient extends Emitter {
     await pc.setRemoteDescription({ type: 'offer', sdp: offer.sdp });
     await pc.setLocalDescription(await pc.createAnswer());
     await this.signal.request('answer', { type: 'answer', sdp: pc.localDescription.sdp });
+    this._armConnectTimer(pc, 'subscribe');
     this._flushCandidates('subscribe');
     // A reused m-section may fire no 'track' event: pick up whatever is still missing.
     for (const transceiver of pc.getTransceivers()) this._addRemoteTrack(transceiver);
