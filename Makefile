@@ -47,7 +47,16 @@ run: install
 run-cluster: install system-deps
 	scripts/run-cluster
 
-test: install system-deps bench-deps
+# Caddy, for `caddy validate` of the HTTPS deployment (tests/test_deploy.py). Debian's caddy package starts a
+# caddy service on port 80 when installed: only its binary is taken out of the package, into .tools/.
+CADDY := .tools/caddy/usr/bin/caddy
+$(CADDY):
+	mkdir -p .tools
+	cd .tools && rm -f caddy_*.deb && { apt-get download caddy 2>/dev/null || \
+	  { apt-get update -qq && apt-get download caddy; }; } && dpkg-deb -x caddy_*.deb caddy && rm -f caddy_*.deb
+	touch $(CADDY)
+
+test: install system-deps bench-deps $(CADDY)
 	@# -P: the repository root is not on sys.path, so the tests import the installed chorus package.
 	$(PY) -P -m pytest -ra $(PYTEST_ARGS)
 
@@ -55,9 +64,14 @@ test: install system-deps bench-deps
 fuzz: install
 	$(PY) tests/fuzz.py
 
-# The long churn run: 1000 join/publish/leave cycles; objects, tasks, fds back to baseline, RSS within 10 %.
-soak: install
+# The long runs: 1000 join/publish/leave cycles (objects, tasks, fds back to baseline, RSS within 10 %), then a
+# steady three-person call of Chromium pages for SOAK_MINUTES (default 60) reporting RSS and frame rates each
+# minute (RSS at the end within 5 % of minute 10).
+SOAK_MINUTES ?= 60
+soak: install system-deps
 	CHORUS_CHURN_CYCLES=1000 $(PY) -P -m pytest -s -o timeout=1800 tests/test_churn.py
+	CHORUS_SOAK_MINUTES=$(SOAK_MINUTES) $(PY) -P -m pytest -s -o timeout=$$(( $(SOAK_MINUTES) * 60 + 600 )) \
+	  tests/test_soak_call.py
 
 # Chorus against Janus (and aiortc's MediaRelay) under the same load, side by side: ~6 minutes.
 # gcc builds a tiny preload library that makes Janus gather candidates on loopback only.
@@ -78,4 +92,4 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .tools
