@@ -6,6 +6,7 @@ import argparse
 import json
 import ssl
 import sys
+import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "checks; follows tls/host/port settings)")
     health.add_argument("--config", help="a TOML or JSON settings file")
     health.add_argument("--ready", action="store_true", help="check /readyz instead (503 while starting or draining)")
+    health.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="keep trying for this long before failing (e.g. after starting it)")
 
     token = commands.add_parser("token", help="room tokens").add_subparsers(dest="token_command", required=True)
     create = token.add_parser("create", help="print a signed room token")
@@ -80,13 +83,17 @@ def health(args: argparse.Namespace, settings: Settings) -> int:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    try:
-        with urllib.request.urlopen(url, timeout=3, context=context) as response:
-            print(response.read().decode(errors="replace").strip())
-            return 0
-    except (OSError, ValueError) as exc:
-        print(f"chorus: {url}: {exc}", file=sys.stderr)
-        return 1
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=3, context=context) as response:
+                print(response.read().decode(errors="replace").strip())
+                return 0
+        except (OSError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                print(f"chorus: {url}: {exc}", file=sys.stderr)
+                return 1
+        time.sleep(0.2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ playwright_api = pytest.importorskip("playwright.async_api")
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
 
 #: The test's shortened schedule (the defaults are 1 s doubling to 20 s, 12 attempts).
-SCHEDULE = {"initialDelay": 400, "maxDelay": 1600, "maxAttempts": 5, "stableAfter": 10000, "connectTimeout": 3000}
+SCHEDULE = {"initialDelay": 400, "maxDelay": 1600, "maxAttempts": 4, "stableAfter": 10000, "connectTimeout": 2500}
 
 
 def ceiling(attempt: int) -> float:
@@ -76,7 +76,7 @@ async def test_page_whose_ice_never_succeeds_backs_off(tmp_path: Path,
         assert len({d for _, d in delays}) > 1
         assert any(t.startswith("reconnecting in") and f"of {SCHEDULE['maxAttempts']})" in t for t in texts), texts
         assert f"gave up after {SCHEDULE['maxAttempts']} attempts" in state["error"]
-        assert elapsed < 60
+        assert elapsed < 45
     finally:
         server.stop()
 
