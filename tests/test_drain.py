@@ -121,9 +121,15 @@ async def test_cluster_drain_moves_browser_calls(tmp_path: Path, redis: Redis, w
             status, body = a.get("/readyz")
             assert status == 503 and json.loads(body)["status"] == "draining"
             for page in pages:  # both pages carry on on node B, by themselves
-                await wait_until(page, f"""(async () => window.chorus.state === 'connected'
-                    && window.chorus.url === {json.dumps(b.ws_url)}
-                    && (await ({INBOUND_STATS})()).video_frames > 20)()""", 20)
+                try:
+                    await wait_until(page, f"""(async () => window.chorus.state === 'connected'
+                        && window.chorus.url === {json.dumps(b.ws_url)}
+                        && (await ({INBOUND_STATS})()).video_frames > 20)()""", 20)
+                except AssertionError:
+                    seen = await page.evaluate(f"""async () => ({{state: window.chorus.state, url: window.chorus.url,
+                        error: String(window.chorus.lastError), stats: await ({INBOUND_STATS})()}})""")
+                    raise AssertionError(f"page not back on B ({b.ws_url}): {seen}\nA: {a.log()[-3000:]}\n"
+                                         f"B: {b.log()[-3000:]}") from None
             code = await wait_exit(a.proc, 20)
             drained_after = time.monotonic() - started
             await asyncio.sleep(1.0)
