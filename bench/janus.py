@@ -279,6 +279,9 @@ async def create_room(url: str, room: int, publishers: int) -> None:
             "request": "create", "room": room, "publishers": max(publishers, 1) + 2, "bitrate": 0,
             "fir_freq": 0, "audiocodec": "opus", "videocodec": "vp8", "notify_joining": False,
             "permanent": False,
+            # Janus's default, explicit: publishers that offer transport-wide-cc (browsers; not the aiortc
+            # generator) get transport-cc feedback. "bitrate": 0 means no cap, and so no REMB to publishers.
+            "transport_wide_cc_ext": True,
         })
     finally:
         await session.close()

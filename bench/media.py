@@ -69,13 +69,15 @@ class Clip:
 
 def _video_image(i: int) -> np.ndarray:
     """A frame with real motion (moving gradients, a bouncing block, a little noise) so inter frames are
-    not trivially small."""
+    not trivially small. (Each gradient depends on x, y or x + y only: computed once per row, column or
+    diagonal and broadcast, the same values as over the whole grid at a fraction of the cost.)"""
     h, w = VIDEO_HEIGHT, VIDEO_WIDTH
     y, x = np.mgrid[0:h, 0:w]
     t = i / VIDEO_FPS
-    r = (127 + 120 * np.sin(x / 37.0 + t * 2.1)).astype(np.uint8)
-    g = (127 + 120 * np.sin(y / 23.0 - t * 1.7)).astype(np.uint8)
-    b = (127 + 120 * np.sin((x + y) / 51.0 + t * 3.3)).astype(np.uint8)
+    xs, ys, ds = np.arange(w), np.arange(h), np.arange(w + h - 1)
+    r = (127 + 120 * np.sin(xs / 37.0 + t * 2.1)).astype(np.uint8)[x]
+    g = (127 + 120 * np.sin(ys / 23.0 - t * 1.7)).astype(np.uint8)[y]
+    b = (127 + 120 * np.sin(ds / 51.0 + t * 3.3)).astype(np.uint8)[x + y]
     image = np.stack([r, g, b], axis=-1)
     bx = int((w - 120) * (0.5 + 0.5 * math.sin(t * 1.3)))
     by = int((h - 120) * (0.5 + 0.5 * math.cos(t * 0.9)))
@@ -86,41 +88,74 @@ def _video_image(i: int) -> np.ndarray:
 
 
 def _encode_video() -> tuple[list[bytes], list[int]]:
+    """The single-layer clip: VP8 640x480; its frames and the indices of its keyframes."""
+    return _encode_sizes([(VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_BITRATE)])[0]
+
+
+def _vp8_encoder(width: int, height: int, bitrate: int, temporal: bool) -> av.CodecContext:
+    """
+    libvpx for ``width`` x ``height`` at ``bitrate``, as a browser's real-time encoder; ``temporal``: three
+    temporal layers in the L1T3 pattern (see :data:`L1T3`), which FFmpeg's libvpx wrapper restarts at every forced
+    keyframe.
+    """
     codec = av.CodecContext.create("libvpx", "w")
-    codec.width, codec.height = VIDEO_WIDTH, VIDEO_HEIGHT
+    codec.width, codec.height = width, height
     codec.pix_fmt = "yuv420p"
     codec.time_base = fractions.Fraction(1, VIDEO_FPS)
     codec.framerate = fractions.Fraction(VIDEO_FPS, 1)
-    codec.bit_rate = VIDEO_BITRATE
+    codec.bit_rate = bitrate
     codec.gop_size = VIDEO_FPS  # a keyframe every second
-    codec.options = {
+    options = {
         "deadline": "realtime",
         "cpu-used": "8",
         "lag-in-frames": "0",
         "auto-alt-ref": "0",
         "keyint_min": str(VIDEO_FPS),
-        "minrate": str(VIDEO_BITRATE),
-        "maxrate": str(VIDEO_BITRATE),
-        "b": str(VIDEO_BITRATE),
+        "minrate": str(bitrate),
+        "maxrate": str(bitrate),
+        "b": str(bitrate),
         "undershoot-pct": "95",
         "max-intra-rate": "2000",  # as libwebrtc: a keyframe is at most ~9 average frames
     }
-    frames: list[bytes] = []
-    keyframes: list[int] = []
+    if temporal:
+        # libwebrtc's split of a VP8 L1T3 stream: 40 % in TL0, 60 % up to TL1, all of it with TL2 (kbps, cumulative).
+        kbps = bitrate // 1000
+        options["ts-parameters"] = (f"ts_number_layers=3:ts_target_bitrate={kbps * 4 // 10},{kbps * 6 // 10},{kbps}:"
+                                    "ts_rate_decimator=4,2,1:ts_periodicity=4:ts_layer_id=0,2,1,2:ts_layering_mode=3")
+    codec.options = options
+    return codec
+
+
+def _encode_sizes(sizes: list[tuple[int, int, int]], temporal: bool = False) -> list[tuple[list[bytes], list[int]]]:
+    """
+    The clip's pictures (drawn once at 640x480) encoded at each ``(width, height, bitrate)`` of ``sizes``: per size,
+    the frames and the indices of the keyframes.
+    """
+    codecs = [_vp8_encoder(width, height, bitrate, temporal) for width, height, bitrate in sizes]
+    outputs: list[tuple[list[bytes], list[int]]] = [([], []) for _ in sizes]
     total = CLIP_SECONDS * VIDEO_FPS
-    for i in range(total):
-        frame = av.VideoFrame.from_ndarray(_video_image(i), format="rgb24").reformat(format="yuv420p")
-        frame.pts = i
-        frame.pict_type = av.video.frame.PictureType.I if i % VIDEO_FPS == 0 else av.video.frame.PictureType.NONE
-        for packet in codec.encode(frame):
+
+    def collect(packets: list[av.Packet], out: tuple[list[bytes], list[int]]) -> None:
+        frames, keyframes = out
+        for packet in packets:
             if packet.is_keyframe:
                 keyframes.append(len(frames))
             frames.append(bytes(packet))
-    for packet in codec.encode(None):
-        if packet.is_keyframe:
-            keyframes.append(len(frames))
-        frames.append(bytes(packet))
-    return frames[:total], [k for k in keyframes if k < total]
+
+    for i in range(total):
+        picture = av.VideoFrame.from_ndarray(_video_image(i), format="rgb24")
+        for codec, out in zip(codecs, outputs, strict=True):
+            if (codec.width, codec.height) == (VIDEO_WIDTH, VIDEO_HEIGHT):
+                frame = picture.reformat(format="yuv420p")
+            else:
+                frame = picture.reformat(width=codec.width, height=codec.height, format="yuv420p")
+            frame.pts = i
+            frame.pict_type = (av.video.frame.PictureType.I if i % VIDEO_FPS == 0
+                               else av.video.frame.PictureType.NONE)
+            collect(codec.encode(frame), out)
+    for codec, out in zip(codecs, outputs, strict=True):
+        collect(codec.encode(None), out)
+    return [(frames[:total], [k for k in keyframes if k < total]) for frames, keyframes in outputs]
 
 
 def _encode_audio() -> list[bytes]:
@@ -166,6 +201,87 @@ def load_clip() -> Clip:
             pass
     video, keyframes = _encode_video()
     clip = Clip(video=video, keyframes=keyframes, audio=_encode_audio())
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(clip, f)
+    os.replace(tmp, path)
+    return clip
+
+
+# --- the simulcast clip ---------------------------------------------------------------------------------
+
+#: The temporal layer (TID) of each frame of an L1T3 stream, by its place after the last keyframe (FFmpeg's
+#: libvpx ``ts_layering_mode=3``: TL0 refers to TL0, TL1 to TL0, TL2 to the TL0 or TL1 before it).
+L1T3 = (0, 2, 1, 2)
+#: Frames that depend on TL0 only (the VP8 descriptor's Y bit, RFC 7741 §4.2).
+L1T3_SYNC = (False, True, True, False)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    rid: str
+    width: int
+    height: int
+    bitrate: int
+
+
+#: The simulcast ladder: ¼, ½ and full size, as a browser sends (RIDs q, h, f). The full layer has the
+#: single-layer clip's size and bit rate, so that forwarding it costs the same per packet.
+SIMULCAST_LAYERS = (
+    LayerSpec("q", VIDEO_WIDTH // 4, VIDEO_HEIGHT // 4, 110_000),
+    LayerSpec("h", VIDEO_WIDTH // 2, VIDEO_HEIGHT // 2, 280_000),
+    LayerSpec("f", VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_BITRATE),
+)
+
+
+@dataclass
+class LayerClip:
+    """One simulcast layer of the clip: VP8 frames with L1T3 temporal layers, keyframes every second."""
+
+    rid: str
+    width: int
+    height: int
+    frames: list[bytes]
+    keyframes: list[int]
+
+    @property
+    def kbps(self) -> float:
+        return sum(map(len, self.frames)) * 8 / (len(self.frames) / VIDEO_FPS) / 1000
+
+    def temporal(self, index: int) -> tuple[int, bool]:
+        """The TID of frame ``index`` and whether it is a layer sync frame (keyframes are TL0)."""
+        since = index - max((k for k in self.keyframes if k <= index), default=0)
+        return L1T3[since % 4], L1T3_SYNC[since % 4]
+
+
+@dataclass
+class SimulcastClip:
+    """The three layers a simulcast generator publisher sends, lowest first."""
+
+    layers: list[LayerClip]
+
+
+def simulcast_clip_path() -> Path:
+    key = hashlib.sha256(
+        repr((SIMULCAST_LAYERS, VIDEO_FPS, CLIP_SECONDS, L1T3, av.__version__, 1)).encode()
+    ).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"chorus-bench-simulcast-{key}.pickle"
+
+
+def load_simulcast_clip() -> SimulcastClip:
+    """The simulcast clip, encoded on first use (a few seconds) and cached in the temp folder."""
+    path = simulcast_clip_path()
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                clip = pickle.load(f)
+            if isinstance(clip, SimulcastClip):
+                return clip
+        except Exception:  # noqa: BLE001 - a broken cache is re-encoded
+            pass
+    encoded = _encode_sizes([(spec.width, spec.height, spec.bitrate) for spec in SIMULCAST_LAYERS], temporal=True)
+    clip = SimulcastClip([LayerClip(spec.rid, spec.width, spec.height, frames, keyframes)
+                          for spec, (frames, keyframes) in zip(SIMULCAST_LAYERS, encoded, strict=True)])
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         pickle.dump(clip, f)

@@ -4,8 +4,9 @@ Cheap subscribers: count what arrives, never decode.
 :func:`hook_receiver` replaces an aiortc receiver's ``_handle_rtp_packet`` on the instance. Per packet it
 feeds aiortc's own receive statistics (so the subscriber still sends honest RTCP receiver reports) and
 counts packets, bytes and frames, the loss seen in sequence numbers, the one-way latency of each frame
-(arrival of its *first* packet minus the send time the publisher put in the frame's trailer) and the time
-of the first complete keyframe. Nothing goes to the jitter buffer or a decoder.
+(arrival of its *first* packet minus the send time the publisher put in the frame's trailer), the time
+of the first complete keyframe, and the picture size of the last keyframe (which simulcast layer arrives).
+Nothing goes to the jitter buffer or a decoder.
 
 The fast path makes a subscriber connection cheaper still, so that one generator core can
 receive what a server sends to a hundred subscribers: once an SSRC has been seen (and routed) by aiortc's
@@ -27,6 +28,7 @@ from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import RtpPacket, is_rtcp
 
 from chorus.sfu import aiortc_adapter
+from chorus.sfu.layers import vp8_keyframe_size
 from chorus.sfu.rtp import vp8_is_keyframe_start
 
 from .media import TRAILER_SIZE, read_trailer
@@ -51,8 +53,8 @@ class TrackRecord:
     """What one subscriber received on one track."""
 
     __slots__ = (
-        "kind", "start", "packets", "bytes", "frames", "latencies", "first_frame", "streams",
-        "_ts", "_frame_arrival", "_keyframe", "_prev", "_mark",
+        "kind", "start", "packets", "bytes", "frames", "latencies", "first_frame", "streams", "wanted", "width",
+        "height", "keyframes", "_ts", "_frame_arrival", "_keyframe", "_prev", "_mark",
     )
 
     def __init__(self, kind: str, start: float | None) -> None:
@@ -64,6 +66,12 @@ class TrackRecord:
         self.latencies: list[float] = []  # seconds, since the last mark
         self.first_frame: float | None = None
         self.streams: dict[int, StreamStatistics] = {}
+        #: The simulcast layer the subscriber asked for (0 = lowest), if it asked.
+        self.wanted: int | None = None
+        #: The picture size of the last keyframe received (0 until one arrived), and how many arrived.
+        self.width = 0
+        self.height = 0
+        self.keyframes = 0
         self._ts: int | None = None
         self._frame_arrival = 0.0
         self._keyframe = False
@@ -97,6 +105,9 @@ class TrackRecord:
             "latencies_ms": [round(x * 1000, 3) for x in self.latencies],
             "first_frame_ms": None if self.first_frame is None or self.start is None
             else round((self.first_frame - self.start) * 1000, 1),
+            "wanted_layer": self.wanted,
+            "width": self.width,
+            "height": self.height,
         }
 
     # --- per packet --------------------------------------------------------------------------------------
@@ -110,6 +121,11 @@ class TrackRecord:
             self._frame_arrival = now
             self._keyframe = vp8_is_keyframe_start(payload)
             self._prev = b""
+            if self._keyframe:
+                self.keyframes += 1
+                size = vp8_keyframe_size(payload, vp8_descriptor_size(payload))
+                if size is not None:
+                    self.width, self.height = size
         if not packet.marker:
             self._prev = payload
             return

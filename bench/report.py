@@ -83,8 +83,40 @@ def ratios(runs: list[dict[str, Any]], server: str = "chorus", other: str = "jan
     return out
 
 
-def targets(runs: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, as measured in this run (reported, never asserted)."""
+#: Simulcast may cost this much more CPU per forwarded stream than forwarding a single layer (issue 11).
+SIMULCAST_CPU_LIMIT = 1.2
+
+
+def simulcast_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each simulcast run against the single-layer run of the same fan-out on the same server, and where its
+    subscribers ended."""
+    by_key = {(r["scenario"], r["server"]): r for r in runs}
+    out = []
+    for run in runs:
+        summary = run.get("simulcast")
+        if summary is None or "server_cpu" not in run:
+            continue
+        ref = by_key.get((run.get("reference"), run["server"]))
+        if ref is not None and "server_cpu" not in ref:
+            ref = None
+        out.append({
+            "scenario": run["scenario"], "title": run["title"], "server": run["server"],
+            "reference": run.get("reference"),
+            "cpu_pct_per_stream": run["cpu_pct_per_stream"],
+            "reference_cpu_pct_per_stream": ref["cpu_pct_per_stream"] if ref else None,
+            "cpu_per_stream_ratio": _ratio(run["cpu_pct_per_stream"], ref["cpu_pct_per_stream"]) if ref else None,
+            "us_per_packet_ratio": _ratio(run.get("us_per_packet"), ref.get("us_per_packet")) if ref else None,
+            "layers": summary["layers"],
+            "mismatched": summary["mismatched"],
+            "server_reasons": summary.get("server_reasons"),
+            "valid": bool(run.get("valid") and ref is not None and ref.get("valid")),
+        })
+    return out
+
+
+def targets(runs: list[dict[str, Any]], ratio_rows: list[dict[str, Any]],
+            simulcast: list[dict[str, Any]] | None = None, ramp: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The issues' targets, as measured in this run (reported, never asserted)."""
     chorus = {r["scenario"]: r for r in runs if r["server"] == "chorus" and "server_cpu" in r}
     ratio = {r["scenario"]: r for r in ratio_rows}
     rows: list[dict[str, Any]] = []
@@ -118,6 +150,22 @@ def targets(runs: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> lis
             ", ".join(f"{t}: {v:.0f} ms" for t, v in firsts))
     else:
         add("join → first frame ≤ 500 ms p50", None, None)
+    name = f"CPU per forwarded stream with simulcast ≤ {SIMULCAST_CPU_LIMIT}× single-layer (Chorus)"
+    measured = [r for r in simulcast or [] if r["server"] == "chorus" and r["cpu_per_stream_ratio"] is not None]
+    if measured:
+        worst = max(measured, key=lambda r: r["cpu_per_stream_ratio"])
+        add(name, worst["cpu_per_stream_ratio"], worst["cpu_per_stream_ratio"] <= SIMULCAST_CPU_LIMIT,
+            "; ".join(f"{r['title']} vs {r['reference']}: {r['cpu_per_stream_ratio']} (µs/pkt "
+                      f"{r['us_per_packet_ratio']}){'' if r['valid'] else ', a run invalid'}" for r in measured))
+    else:
+        add(name, None, None)
+    summary = (ramp or {}).get("summary") or {}
+    c, j = summary.get("chorus", {}).get("ramp_s"), summary.get("janus", {}).get("ramp_s")
+    detail = "median time from ICE connected to 90 % of the final targetBitrate, Chromium 640x480"
+    if c is not None and j is not None:
+        add("publisher ramp: Chorus ≤ Janus", f"{c} s vs {j} s", c <= j, detail)
+    else:
+        add("publisher ramp: Chorus ≤ Janus", None if c is None else f"{c} s (Chorus)", None, detail)
     return rows
 
 
@@ -187,3 +235,54 @@ def targets_text(rows: list[dict[str, Any]]) -> str:
     mark = {True: "met", False: "NOT met", None: "not measured"}
     return "\n".join(f"- {r['target']}: {_fmt(r['value'])} → {mark[r['met']]}" + (f" ({r['detail']})" if r["detail"]
                                                                                  else "") for r in rows)
+
+
+def simulcast_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    header = ["scenario", "server", "%core/stream", "single-layer", "ratio", "µs/pkt ratio", "ended on (wanted)",
+              "fps q/h/f", "kbps q/h/f", "server's reasons", "valid"]
+    body = []
+    for r in rows:
+        layers = r["layers"]
+        body.append([
+            r["title"], r["server"], _fmt(r["cpu_pct_per_stream"], ".3f"),
+            _fmt(r["reference_cpu_pct_per_stream"], ".3f"),
+            _fmt(r["cpu_per_stream_ratio"]), _fmt(r["us_per_packet_ratio"]),
+            " ".join(f"{x['rid']} {x['ended_on']} ({x['wanted']})" for x in layers)
+            + (f", {r['mismatched']} off" if r["mismatched"] else ""),
+            "/".join(_fmt(x["fps"]) for x in layers), "/".join(_fmt(x["kbps"]) for x in layers),
+            ", ".join(f"{k} {v}" for k, v in (r.get("server_reasons") or {}).items()) or "–",
+            "yes" if r["valid"] else "no",
+        ])
+    return _grid(header, body, markdown)
+
+
+def ramp_text(ramp: dict[str, Any], markdown: bool = False) -> str:
+    if "skipped" in ramp:
+        return f"skipped: {ramp['skipped']}"
+    header = ["server", "rounds", "90 % of final (s)", "1 Mbps (s)", "final kbps", "void (cpu)", "failed",
+              "other load on server core"]
+    body = [[kind, str(s["rounds"]), _fmt(s["ramp_s"]), _fmt(s["to_1mbps_s"]), _fmt(s["final_kbps"]), str(s["void"]),
+             str(s["failed"]), "–" if s.get("server_core_other_load") is None
+             else f"≤ {s['server_core_other_load'] * 100:.0f}%"] for kind, s in ramp["summary"].items()]
+    lines = [_grid(header, body, markdown), ""]
+    for a in ramp["attempts"]:
+        head = f"round {a['round']} {a['server']}" + (f" (attempt {a['attempt']})" if a["attempt"] > 1 else "")
+        if "error" in a:
+            lines.append(f"- {head}: failed: {a['error'][:200]}")
+            continue
+        series = " ".join(f"{t:g}:{kbps}" for t, kbps, *_ in a["series"])
+        state = f" VOID (qualityLimitationReason cpu at {a['cpu_limited_at_s']} s)" if a["void"] else ""
+        if a.get("server_core_other_load") is not None:
+            state += f", other load on the server's core {a['server_core_other_load'] * 100:.0f}%"
+        lines.append(f"- {head}: 90 % of {a['final_kbps']} kbps at {a['ramp_s']} s, 1 Mbps at {a['to_1mbps_s']} s, "
+                     f"{a['final_height']}p {a['final_fps']} fps at the end{state}; targetBitrate (s:kbps) {series}")
+    return "\n".join(lines)
+
+
+def _grid(header: list[str], body: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+                          *("| " + " | ".join(b) + " |" for b in body)])
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+                     for cells in [header, ["-" * w for w in widths], *body])

@@ -13,6 +13,8 @@ import os
 import statistics
 import sys
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 from chorus.sfu.tasks import Tasks
 
 from . import janus, profile, servers
+from .media import SIMULCAST_LAYERS
 from .scenarios import Scenario
 from .servers import ROOT, Server, core_busy, core_times, process_cpu_seconds, thread_cpu_seconds
 
@@ -168,6 +171,8 @@ async def run_one(kind: str, scenario: Scenario, options: Options, pool: Pool, p
     result: dict[str, Any] = {"scenario": scenario.name, "title": scenario.title, "server": kind,
                               "streams": scenario.streams, "video_streams": scenario.video_streams,
                               "valid": False, "notes": []}
+    if scenario.reference is not None:
+        result["reference"] = scenario.reference
     t0 = time.monotonic()
     server = await asyncio.to_thread(servers.STARTERS[kind], options.server_cpu, logdir)
     progress(f"{label}: server up (pid {server.pid}, {time.monotonic() - t0:.1f} s)")
@@ -202,8 +207,8 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
 
     # Publishers (and meeting participants) join first, one after the other.
     t0 = time.monotonic()
-    publishers = [{"name": f"p{i}", "audio": True, "video": scenario.video, "receive": scenario.meeting}
-                  for i in range(scenario.publishers)]
+    publishers = [{"name": f"p{i}", "audio": True, "video": scenario.video, "receive": scenario.meeting,
+                   "simulcast": scenario.simulcast} for i in range(scenario.publishers)]
     published = await pool.publisher.call("publish", server=kind, url=server.url, room=room, clients=publishers)
     feeds: dict[str, Any] = published["feeds"]
     progress(f"{label}: {scenario.publishers} publisher(s) live ({time.monotonic() - t0:.1f} s)")
@@ -219,7 +224,10 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
     else:
         groups: list[list[dict[str, Any]]] = [[] for _ in pool.receivers]
         for j in range(scenario.subscribers):
-            groups[j % len(groups)].append({"name": f"s{j}", "feeds": list(feeds.values())})
+            client: dict[str, Any] = {"name": f"s{j}", "feeds": list(feeds.values())}
+            if scenario.simulcast:
+                client["layer"] = j % len(SIMULCAST_LAYERS)  # lowest, middle, full, lowest, ...
+            groups[j % len(groups)].append(client)
         used = [(w, g) for w, g in zip(pool.receivers, groups, strict=True) if g]
         active += [w for w, _ in used]
         await asyncio.gather(*(w.call("subscribe", server=kind, url=server.url, room=room, clients=g)
@@ -265,6 +273,8 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
     await asyncio.sleep(options.duration)
     collected = await asyncio.gather(*(w.call("collect") for w in active))
     window = time.monotonic() - m0
+    room_state = await asyncio.to_thread(_chorus_room, server, room) if scenario.simulcast and kind == "chorus" \
+        else None
     server_cpu = (server.cpu_seconds() - server_cpu0) / window
     gen_cpu = (sum(w.cpu_seconds() for w in pool.all) + process_cpu_seconds(own_pid) - gen_cpu0) / window
     cores1 = core_times()
@@ -330,6 +340,10 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
         "generator_processes": len(active),
         "cores_busy": {str(c): _round(core_busy(cores0, cores1, c), 3) for c in sorted(cores1)},
     })
+    if scenario.simulcast:
+        result["simulcast"] = simulcast_summary(video, seconds, room_state)
+        if result["simulcast"]["mismatched"]:
+            result["notes"].append(f"{result['simulcast']['mismatched']} subscriber(s) not on the layer they asked for")
     if packets == 0:
         result["notes"].append("no packets received")
     if len(tracks) < scenario.streams:
@@ -358,3 +372,60 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
         f"fps {result['fps']}, latency p50 {result['latency_p50_ms']} ms, gen core "
         f"{(busy or 0) * 100:.0f}%{'' if result['valid'] else ' [INVALID]'}"
     )
+
+
+# --- simulcast ----------------------------------------------------------------------------------------------
+
+
+def _chorus_room(server: Server, room: str) -> dict[str, Any] | None:
+    """The room as Chorus's admin API shows it (dev mode: no token), or None."""
+    base = server.url.replace("ws://", "http://", 1).removesuffix("/ws")
+    try:
+        with urllib.request.urlopen(f"{base}/api/rooms/{room}", timeout=5) as response:
+            state: dict[str, Any] = json.loads(response.read())
+            return state
+    except (OSError, ValueError):
+        return None
+
+
+def simulcast_summary(video: list[dict[str, Any]], seconds: float, room: dict[str, Any] | None) -> dict[str, Any]:
+    """
+    Which layer each subscriber ended on. Seen by the subscriber: the picture height of the last keyframe it
+    received, mapped to a layer (both servers). Seen by Chorus (``room``, its admin API): each video consumer's
+    layer and the reason for it.
+    """
+    rids = [spec.rid for spec in SIMULCAST_LAYERS]
+    by_height = {spec.height: spec.rid for spec in SIMULCAST_LAYERS}
+    per_layer: dict[str, dict[str, Any]] = {
+        rid: {"wanted": 0, "ended_on": 0, "fps": [], "kbps": []} for rid in rids}
+    ended: Counter[str] = Counter()
+    mismatched = 0
+    for track in video:
+        got = by_height.get(track.get("height") or 0, "none")
+        ended[got] += 1
+        wanted = track.get("wanted_layer")
+        if wanted is not None:
+            per_layer[rids[wanted]]["wanted"] += 1
+            mismatched += got != rids[wanted]
+        if got in per_layer:
+            per_layer[got]["ended_on"] += 1
+            per_layer[got]["fps"].append(track["frames"] / seconds)
+            per_layer[got]["kbps"].append(track["bytes"] * 8 / seconds / 1000)
+    layers = [{"rid": rid, "height": spec.height, "wanted": row["wanted"], "ended_on": row["ended_on"],
+               "fps": _round(statistics.fmean(row["fps"]), 1) if row["fps"] else None,
+               "kbps": _round(statistics.fmean(row["kbps"]), 0) if row["kbps"] else None}
+              for (rid, row), spec in zip(per_layer.items(), SIMULCAST_LAYERS, strict=True)]
+    out: dict[str, Any] = {"subscribers": len(video), "ended_on": dict(ended), "mismatched": mismatched,
+                           "layers": layers}
+    if room is not None:
+        consumers = [c for p in room.get("participants", []) for c in (p.get("subscribe") or {}).get("consumers", [])
+                     if c.get("kind") == "video"]
+        out["server_layers"] = dict(Counter("none" if c.get("layer") is None else rids[c["layer"]]
+                                            for c in consumers))
+        out["server_reasons"] = dict(Counter(str(c.get("reason")) for c in consumers))
+        publisher = next((t for p in room.get("participants", []) for t in (p.get("publish") or {}).get("tracks", [])
+                          if len(t.get("layers") or []) > 1), None)
+        if publisher is not None:
+            out["publisher_layers"] = [{k: layer.get(k) for k in ("rid", "active", "bitrate", "height")}
+                                       for layer in publisher["layers"]]
+    return out

@@ -6,11 +6,14 @@ the generator core, and reuses them for every run.
 
 Commands (``op``):
 
-* ``publish`` ``{server, url, room, clients: [{name, audio, video, receive}]}`` → ``{feeds: {name: id}}``
-* ``subscribe`` ``{server, url, room, clients: [{name, feeds: [...]}]}`` — new participants that only
-  receive, or (same name) publishers that now also receive (a meeting). Returns once signaling is done.
+* ``publish`` ``{server, url, room, clients: [{name, audio, video, receive, simulcast?}]}`` →
+  ``{feeds: {name: id}}``; ``simulcast``: the video as three layers (:mod:`.simulcast`).
+* ``subscribe`` ``{server, url, room, clients: [{name, feeds: [...], layer?}]}`` — new participants that only
+  receive, or (same name) publishers that now also receive (a meeting); ``layer``: the simulcast layer wanted
+  (0 = lowest). Returns once signaling is done.
 * ``status`` → ``{tracks_ready, tracks, errors}`` (a track is ready once its first frame arrived)
-* ``mark`` — start the measurement window; ``collect`` → per-track counts since ``mark``
+* ``mark`` — start the measurement window; ``collect`` → per-track counts since ``mark`` (and what simulcast
+  publishers sent)
 * ``close`` — close every participant; ``exit``.
 """
 
@@ -29,7 +32,7 @@ from chorus.sfu import aiortc_adapter
 from chorus.sfu.tasks import Tasks
 
 from .drivers import DRIVERS, Participant
-from .media import load_clip
+from .media import SimulcastClip, load_clip, load_simulcast_clip
 
 #: Participants connecting at once in one process (signaling + ICE + DTLS are CPU bursts).
 CONCURRENCY = 6
@@ -38,6 +41,7 @@ CONCURRENCY = 6
 class Worker:
     def __init__(self) -> None:
         self.clip = load_clip()
+        self.simulcast_clip: SimulcastClip | None = None  # loaded on first use (encoded by the orchestrator)
         self.participants: dict[str, Participant] = {}
         self.errors: list[str] = []
         self.marked_at: float | None = None
@@ -62,13 +66,20 @@ class Worker:
         semaphore = asyncio.Semaphore(1)
         for c in clients:
             p = self._participant(server, url, room, c["name"])
-            await self._guarded(c["name"], p.publish(c["audio"], c["video"], receive=c["receive"]), semaphore)
+            simulcast = bool(c.get("simulcast"))
+            if simulcast:
+                if self.simulcast_clip is None:
+                    self.simulcast_clip = await asyncio.to_thread(load_simulcast_clip)
+                p.simulcast_clip = self.simulcast_clip
+            await self._guarded(c["name"], p.publish(c["audio"], c["video"], receive=c["receive"],
+                                                     simulcast=simulcast), semaphore)
         return {"feeds": {c["name"]: self.participants[c["name"]].feed_id for c in clients}}
 
     async def op_subscribe(self, server: str, url: str, room: str, clients: list[dict[str, Any]]) -> dict[str, Any]:
         semaphore = asyncio.Semaphore(CONCURRENCY)
         await asyncio.gather(*(
-            self._guarded(c["name"], self._participant(server, url, room, c["name"]).subscribe(c["feeds"]), semaphore)
+            self._guarded(c["name"], self._participant(server, url, room, c["name"]).subscribe(
+                c["feeds"], c.get("layer")), semaphore)
             for c in clients
         ))
         return {}
@@ -97,6 +108,8 @@ class Worker:
             "seconds": now - (self.marked_at or now),
             "tracks": [r.window() for r in self._records()],
             "errors": self.errors,
+            "simulcast_sent": {p.name: p.simulcast.stats() for p in self.participants.values()
+                               if p.simulcast is not None},
         }
 
     async def op_close(self) -> dict[str, Any]:

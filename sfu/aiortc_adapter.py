@@ -37,7 +37,9 @@ What is used, and why:
   simulcast streams by MID/RID, and transport-cc feedback from subscribers (aiortc parses it as a NACK);
   ``RTCDtlsTransport._rtp_header_extensions_map`` and ``_rtp_router`` (its ``route_rtp`` and ``ssrc_table``) to
   parse and route packets as aiortc would, and to make learned simulcast SSRCs' sender reports reach the
-  receiver; ``_send_rtp`` to send RTCP (it protects RTCP too).
+  receiver; ``_send_rtp`` to send RTCP (it protects RTCP too). The router's ``senders`` table, so that RTCP about
+  SSRCs a sender's owner writes itself (the benchmark's simulcast publisher, which aiortc cannot be) reaches
+  that sender (:func:`register_sender_ssrc`).
 * ``RTCRtpReceiver._send_rtcp_nack`` / ``__rtcp_ssrc`` — NACKs from Chorus's own receive path, and the SSRC its
   feedback is sent from.
 * ``aioice.ice.get_host_addresses`` — to choose which host addresses the server advertises (aioice leaves
@@ -158,7 +160,7 @@ async def check() -> None:
                      "_rtp_header_extensions_map", "_rtp_router"):
             if not hasattr(dtls, attr):
                 problems.append(f"RTCDtlsTransport.{attr} is missing")
-        for attr in ("route_rtp", "ssrc_table"):
+        for attr in ("route_rtp", "ssrc_table", "senders"):
             if not hasattr(getattr(dtls, "_rtp_router", None), attr):
                 problems.append(f"aiortc RtpRouter.{attr} is missing")
         connection = getattr(dtls.transport, "_connection", None)
@@ -512,6 +514,13 @@ def route_rtp(dtls: RTCDtlsTransport, packet: RtpPacket) -> RTCRtpReceiver | Non
 def register_ssrc(dtls: RTCDtlsTransport, ssrc: int, receiver: RTCRtpReceiver) -> None:
     """Tell aiortc's router that ``ssrc`` belongs to ``receiver`` (so that its sender reports reach it)."""
     dtls._rtp_router.ssrc_table[ssrc] = receiver
+
+
+def register_sender_ssrc(sender: RTCRtpSender, ssrc: int) -> None:
+    """Route RTCP about ``ssrc`` (receiver reports, PLI, FIR, NACK) to ``sender``: for streams its owner sends
+    itself on the sender's transport, e.g. the simulcast layers of the benchmark's publisher. See them with
+    :func:`hook_sender_rtcp`."""
+    sender.transport._rtp_router.senders[ssrc] = sender
 
 
 async def send_rtcp(dtls: RTCDtlsTransport, data: bytes) -> None:
