@@ -342,6 +342,9 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
     })
     if scenario.simulcast:
         result["simulcast"] = simulcast_summary(video, seconds, room_state)
+        # What the publisher sent since it started, per layer (keyframes forced: PLIs it answered).
+        result["simulcast"]["publisher_sent"] = next(
+            (sent for c in collected for sent in c.get("simulcast_sent", {}).values()), None)
         if result["simulcast"]["mismatched"]:
             result["notes"].append(f"{result['simulcast']['mismatched']} subscriber(s) not on the layer they asked for")
     if packets == 0:
