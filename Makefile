@@ -73,7 +73,8 @@ soak: install system-deps
 	CHORUS_SOAK_MINUTES=$(SOAK_MINUTES) $(PY) -P -m pytest -s -o timeout=$$(( $(SOAK_MINUTES) * 60 + 600 )) \
 	  tests/test_soak_call.py
 
-# Chorus against Janus (and aiortc's MediaRelay) under the same load, side by side: ~6 minutes.
+# Chorus against Janus (and aiortc's MediaRelay) under the same load, side by side, then a Chromium publisher's
+# ramp-up into each: ~8 minutes.
 # gcc builds a tiny preload library that makes Janus gather candidates on loopback only.
 BENCH_PACKAGES := janus gcc libc6-dev
 bench-deps:
