@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import statistics
@@ -304,13 +305,16 @@ async def run(kinds: list[str], options: Any, progress: Progress, logdir: Path, 
     for kind in kinds:
         valid = [a for a in attempts if a["server"] == kind and "error" not in a and not a["void"]]
         ramps = [a["ramp_s"] for a in valid if a["ramp_s"] is not None]
-        mbps = [a["to_1mbps_s"] for a in valid if a["to_1mbps_s"] is not None]
+        # A round that never reached 1 Mbps counts as slower than any that did.
+        mbps = sorted(math.inf if a["to_1mbps_s"] is None else a["to_1mbps_s"] for a in valid)
+        mbps_median = statistics.median(mbps) if mbps else None
         summary[kind] = {
             "rounds": len(valid),
             "void": sum(1 for a in attempts if a["server"] == kind and a.get("void")),
             "failed": sum(1 for a in attempts if a["server"] == kind and "error" in a),
             "ramp_s": round(statistics.median(ramps), 2) if ramps else None,
-            "to_1mbps_s": round(statistics.median(mbps), 2) if len(mbps) == len(valid) and mbps else None,
+            "to_1mbps_s": None if mbps_median is None or math.isinf(mbps_median) else round(mbps_median, 2),
+            "reached_1mbps": sum(1 for x in mbps if not math.isinf(x)),
             "final_kbps": round(statistics.median(a["final_kbps"] for a in valid)) if valid else None,
             "server_core_other_load": round(max(a.get("server_core_other_load") or 0.0 for a in valid), 3)
             if valid else None,

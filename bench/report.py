@@ -261,10 +261,17 @@ def ramp_text(ramp: dict[str, Any], markdown: bool = False) -> str:
         return f"skipped: {ramp['skipped']}"
     header = ["server", "rounds", "90 % of final (s)", "1 Mbps (s)", "final kbps", "void (cpu)", "failed",
               "other load on server core"]
-    body = [[kind, str(s["rounds"]), _fmt(s["ramp_s"]), _fmt(s["to_1mbps_s"]), _fmt(s["final_kbps"]), str(s["void"]),
+
+    def mbps(s: dict[str, Any]) -> str:
+        if s["to_1mbps_s"] is not None:
+            return _fmt(s["to_1mbps_s"])
+        return f"> {ramp['duration_s']:g}" if s["rounds"] else "–"
+
+    body = [[kind, str(s["rounds"]), _fmt(s["ramp_s"]), mbps(s), _fmt(s["final_kbps"]), str(s["void"]),
              str(s["failed"]), "–" if s.get("server_core_other_load") is None
              else f"≤ {s['server_core_other_load'] * 100:.0f}%"] for kind, s in ramp["summary"].items()]
-    lines = [_grid(header, body, markdown), ""]
+    lines = [_grid(header, body, markdown), "",
+             "Medians over the rounds; a round that never reached 1 Mbps counts as the slowest. Rounds:", ""]
     for a in ramp["attempts"]:
         head = f"round {a['round']} {a['server']}" + (f" (attempt {a['attempt']})" if a["attempt"] > 1 else "")
         if "error" in a:
