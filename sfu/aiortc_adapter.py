@@ -40,6 +40,10 @@ What is used, and why:
   receiver; ``_send_rtp`` to send RTCP (it protects RTCP too). The router's ``senders`` table, so that RTCP about
   SSRCs a sender's owner writes itself (the benchmark's simulcast publisher, which aiortc cannot be) reaches
   that sender (:func:`register_sender_ssrc`).
+* the ``_sock`` of the asyncio datagram transports under aioice's protocols, and the selector loop's
+  ``_remove_reader``/``_add_reader`` for its descriptor — to read a publish connection's
+  datagrams with the kernel's receive timestamps (``SO_TIMESTAMPNS``): transport-cc feedback must say when each
+  packet *arrived*, not when a busy event loop got to it (:func:`kernel_arrival_times`).
 * ``RTCRtpReceiver._send_rtcp_nack`` / ``__rtcp_ssrc`` — NACKs from Chorus's own receive path, and the SSRC its
   feedback is sent from.
 * ``aioice.ice.get_host_addresses`` — to choose which host addresses the server advertises (aioice leaves
@@ -589,6 +593,58 @@ def intercept_datagrams(protocol: Any, handler: DatagramHandler) -> None:
             original(data, addr)
 
     protocol.datagram_received = datagram_received
+
+
+#: ``SO_TIMESTAMPNS`` (and its control message type) on Linux: the kernel's receive time of each datagram.
+_SO_TIMESTAMPNS = 35
+
+
+def kernel_arrival_times(dtls: RTCDtlsTransport, on_arrival: Callable[[bytes, int], None]) -> bool:
+    """
+    Read the UDP sockets under ``dtls`` with their kernel receive timestamps, and call
+    ``on_arrival(datagram, nanoseconds)`` for each datagram (still encrypted: RTP headers and header extensions
+    are in the clear) before aioice and aiortc handle it as usual. The time is the kernel's wall clock; only
+    differences between datagrams matter. Returns whether every socket could be read this way (Linux, plain UDP;
+    a TURN-relayed or TCP connection cannot).
+    """
+    import socket
+    import struct
+
+    loop = asyncio.get_running_loop()
+    protocols = ice_protocols(dtls)
+    done = 0
+    for protocol in protocols:
+        transport = getattr(protocol, "transport", None)
+        sock = getattr(transport, "_sock", None)
+        if transport is None or sock is None or sock.type != socket.SOCK_DGRAM or transport.is_closing():
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        except OSError:
+            continue
+        fd = sock.fileno()
+
+        def read_ready(sock: Any = sock, transport: Any = transport, protocol: Any = protocol) -> None:
+            if transport.is_closing():
+                return
+            try:
+                data, ancillary, _, addr = sock.recvmsg(65536, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                protocol.error_received(exc)
+                return
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
+                    seconds, nanoseconds = struct.unpack("qq", value[:16])
+                    on_arrival(data, seconds * 1_000_000_000 + nanoseconds)
+            protocol.datagram_received(data, addr)
+
+        # The transport owns the descriptor, so the loop's public add_reader refuses it: swap its reader.
+        loop._remove_reader(fd)  # type: ignore[attr-defined]
+        loop._add_reader(fd, read_ready)  # type: ignore[attr-defined]
+        done += 1
+    return bool(protocols) and done == len(protocols)
 
 
 def srtp_unprotect(dtls: RTCDtlsTransport) -> Callable[[bytes], bytes] | None:

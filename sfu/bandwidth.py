@@ -95,6 +95,11 @@ class SubscriberBandwidth:
         self.bwe.set_demand(bps)
 
     @property
+    def cluster(self) -> ProbeCluster | None:
+        """The probe cluster being sent, if any."""
+        return self._probe
+
+    @property
     def probing(self) -> bool:
         """Whether a probe cluster is being sent."""
         return self._probe is not None and not self._probe_done

@@ -433,14 +433,24 @@ class LossBasedControl:
         self._received = self._lost = 0
         return True
 
-    def update(self, current_bps: float, delay_based_bps: float, rtt_us: int, now_us: int) -> bool:
-        """Apply the latest loss fraction; ``True`` when it decreased the cap."""
+    #: A decrease never goes below this share of what the link is delivering (Chorus addition: a sudden cap
+    #: loses most of what was in flight for a while, and compounding "rate × (1 − loss/2)" every few hundred
+    #: milliseconds would take the estimate to the floor, far below the new capacity).
+    DELIVERED_FLOOR = 0.8
+
+    def update(self, current_bps: float, delay_based_bps: float, rtt_us: int, now_us: int,
+               delivered_bps: float | None = None) -> bool:
+        """Apply the latest loss fraction; ``True`` when it decreased the cap. ``delivered_bps``: the acknowledged
+        throughput, below :data:`DELIVERED_FLOOR` of which a decrease does not go."""
         elapsed = 0.0 if self._last_update is None else (now_us - self._last_update) / 1e6
         self._last_update = now_us
         loss = self.loss_fraction
         if loss > self.HIGH:
             if self._last_decrease is None or now_us - self._last_decrease >= 300_000 + rtt_us:
-                self.cap_bps = current_bps * (1 - 0.5 * loss)
+                cap = current_bps * (1 - 0.5 * loss)
+                if delivered_bps is not None:
+                    cap = max(cap, min(current_bps, self.DELIVERED_FLOOR * delivered_bps))
+                self.cap_bps = cap
                 self._last_decrease = now_us
                 return True
         elif loss < self.LOW and self.cap_bps is not None:
@@ -926,7 +936,7 @@ class SendSideBwe:
             self._probe_estimator.forget(cluster.cluster_id)
             self.probes.finish(now_us, max(aimd.bitrate, probe_result))
         if self.loss.add(received, lost) and self.loss.update(self._estimate, aimd.bitrate,
-                                                              self.rtt_us or 100_000, now_us):
+                                                              self.rtt_us or 100_000, now_us, acked):
             state = "decrease: loss"
             self._congestion(now_us)
         estimate = aimd.bitrate

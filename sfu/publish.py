@@ -21,7 +21,7 @@ from .rtp import is_forwardable
 from .sdp import parse_sdp, strip_mdns_candidates
 from .simulcast import MID_URI, REPAIRED_RID_URI, RID_URI, OfferedMedia, parse_offer, patch_answer
 from .transport import Transport, close_peer_connection
-from .twcc import TWCC_URI, FeedbackRecorder
+from .twcc import TWCC_URI, FeedbackRecorder, read_transport_seq
 
 #: Transport-cc feedback is sent this often (libwebrtc: 50-250 ms; fast feedback ramps the sender up sooner).
 FEEDBACK_INTERVAL = 0.05
@@ -75,6 +75,8 @@ class PublishTransport(Transport):
         self._by_mid: dict[str, Producer] = {}
         self._twcc: FeedbackRecorder | None = None
         self._twcc_media_ssrc = 0
+        self._twcc_id = 0
+        self._kernel_times = False
         self._feedback_task: asyncio.Task[None] | None = None
         self._remb: RemoteBitrateEstimator | None = None
 
@@ -158,7 +160,7 @@ class PublishTransport(Transport):
             wanted.update({uri: offered.extmap[uri] for uri in (MID_URI, RID_URI, REPAIRED_RID_URI)
                            if uri in offered.extmap})
         if offered.transport_cc and TWCC_URI in offered.extmap:
-            wanted[TWCC_URI] = offered.extmap[TWCC_URI]
+            wanted[TWCC_URI] = self._twcc_id = offered.extmap[TWCC_URI]
             adapter.set_rtcp_feedback(transceiver, add="transport-cc", remove="goog-remb")
             if self._twcc is None:
                 self._twcc = FeedbackRecorder(random.getrandbits(32))
@@ -207,6 +209,18 @@ class PublishTransport(Transport):
         adapter.hook_transport_rtp(dtls, self._on_rtp_data)
         if self._twcc is None and self._remb is None:
             self._remb = RemoteBitrateEstimator()
+        elif self._twcc is not None:
+            # Arrival times from the kernel: a busy event loop would compress them into bursts, which the
+            # browser's estimator reads as queuing (or as an implausible probe) and answers by slowing down.
+            self._kernel_times = adapter.kernel_arrival_times(dtls, self._arrived)
+
+    def _arrived(self, datagram: bytes, nanoseconds: int) -> None:
+        recorder = self._twcc
+        if recorder is None or len(datagram) < 12 or not 127 < datagram[0] < 192 or 192 <= datagram[1] <= 223:
+            return  # not RTP (STUN, DTLS, RTCP)
+        seq = read_transport_seq(datagram, self._twcc_id)
+        if seq is not None:
+            recorder.record(seq, nanoseconds // 1000)
 
     async def _on_rtp_data(self, data: bytes, arrival_time_ms: int) -> None:
         dtls = self._dtls
@@ -217,10 +231,10 @@ class PublishTransport(Transport):
         except ValueError:
             return
         if self._twcc is not None:
+            self._twcc_media_ssrc = packet.ssrc
             seq = packet.extensions.transport_sequence_number
-            if seq is not None:
+            if seq is not None and not self._kernel_times:
                 self._twcc.record(seq, time.monotonic_ns() // 1000)
-                self._twcc_media_ssrc = packet.ssrc
         route = self._routes.get(packet.ssrc)
         if route is None:
             route = self._learn(dtls, packet)

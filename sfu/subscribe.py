@@ -277,14 +277,17 @@ class SubscribeTransport(Transport):
         self.bandwidth.set_demand(int(self.wanted_bps * UP_HEADROOM / BUDGET_SHARE))
 
     async def _probe(self, first: int) -> None:
-        """Send a probe cluster's padding, spread over its duration."""
+        """Send a probe cluster's padding, spread over its duration, in enough packets for the cluster to be
+        measured (its ``min_packets``: a small cluster in a couple of big packets measures nothing)."""
         due = first
+        cluster = self.bandwidth.cluster
+        size = 255 if cluster is None else max(64, min(255, cluster.padding_bytes(0) // max(1, cluster.min_packets)))
         while True:
             consumer = max((c for c in self._video() if c.forwarding), key=lambda c: c.layer or 0, default=None)
             if consumer is None:
                 return
             while due > 0:
-                sent = await consumer.send_padding(min(due, 255), None)
+                sent = await consumer.send_padding(min(due, size), None)
                 if not sent:
                     return
                 due -= sent
@@ -295,9 +298,12 @@ class SubscribeTransport(Transport):
 
     def describe(self) -> dict[str, Any]:
         """The connection's estimate and each consumer's choice (admin API)."""
+        bwe = self.bandwidth.bwe
         return {"bandwidth": {"mode": self.bandwidth.mode, "estimate_bps": self.bandwidth.estimate_bps
                               if self.bandwidth.mode != "none" else None, "state": self.bandwidth.state,
-                              "used_bps": self.used_bps, "wanted_bps": self.wanted_bps},
+                              "used_bps": self.used_bps, "wanted_bps": self.wanted_bps,
+                              "loss": round(bwe.loss_fraction, 3),
+                              "rtt_ms": None if bwe.rtt_us is None else round(bwe.rtt_us / 1000, 1)},
                 "consumers": [c.describe() for c in self.consumers.values()]}
 
     # --- closing ---------------------------------------------------------------------------------------

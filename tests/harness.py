@@ -36,6 +36,14 @@ window.harness = (() => {
     if (!h.sub) {
       h.sub = new RTCPeerConnection({bundlePolicy: 'max-bundle'});
       h.sub.onicecandidate = (e) => e.candidate && request('trickle', {target: 'subscribe', candidate: e.candidate});
+      // Play what arrives, as a page would (audio is only decoded, and counted, when played out).
+      h.sub.ontrack = (e) => {
+        const el = document.createElement(e.track.kind === 'audio' ? 'audio' : 'video');
+        el.autoplay = true; el.muted = e.track.kind === 'video'; el.playsInline = true;
+        el.srcObject = new MediaStream([e.track]);
+        document.body.appendChild(el);
+        el.play().catch(() => {});
+      };
     }
     for (const c of offer.consumers) h.tracks[c.mid] = c;
     await h.sub.setRemoteDescription({type: 'offer', sdp: offer.sdp});

@@ -140,8 +140,8 @@ async def test_capped_subscriber_gets_a_lower_layer_and_hurts_no_one(tmp_path: A
                 heights = [(await sample(v, None, 1))["height"] for v in viewers.values()]
                 return all(h == 720 for h in heights)
 
-            await wait_for(both_at_720, 20, show=lambda: asyncio.gather(*(v.evaluate("harness.inbound()")
-                                                                         for v in viewers.values())))
+            await wait_for(both_at_720, 30, show=lambda: asyncio.gather(
+                publisher.evaluate("harness.outbound()"), *(v.evaluate("harness.inbound()") for v in viewers.values())))
             series: list[dict[str, Any]] = []
             last = {name: await sample(v, None, 1) for name, v in viewers.items()}
             t0 = time.monotonic()
