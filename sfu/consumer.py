@@ -145,7 +145,7 @@ class Consumer:
         self._last_ts = self._ts.last_output
         self._cache: list[tuple[int, bytes, int] | None] = [None] * NACK_CACHE_SIZE
         self._original_rtcp = adapter.hook_sender_rtcp(self._sender, self._handle_rtcp)
-        source.attach(self)
+        source.attach(self, self._layers_needed())
 
     def __repr__(self) -> str:
         return f"Consumer(id={self.id}, source={self.source.id}, subscriber={self.subscriber_id})"
@@ -171,6 +171,12 @@ class Consumer:
         """Hold packets until the next keyframe start, then continue the output stream seamlessly."""
         self._waiting_keyframe = True
 
+    def _layers_needed(self) -> frozenset[int] | None:
+        """The layers whose packets this consumer needs: the one it sends and the one it switches to."""
+        if self.source.layer_count == 1:
+            return None
+        return frozenset(x for x in (self.layer, self.target_layer) if x is not None)
+
     def suspend(self, suspended: bool) -> None:
         """Send nothing (the viewer paused it, or there is no bandwidth for even its lowest layer); on resuming,
         start again at a keyframe."""
@@ -192,6 +198,7 @@ class Consumer:
             self._vp8.target_temporal = max(0, min(temporal, MAX_TEMPORAL))
         if layer != self.target_layer:
             self.target_layer = layer
+            self.source.listen(self, self._layers_needed())
             if self.layer != layer and self._bound:
                 self._request_switch()
 
@@ -277,6 +284,7 @@ class Consumer:
         self._waiting_keyframe = False
         self._seq.switch()
         self._ts.switch()
+        self.source.listen(self, self._layers_needed())
 
     def _send(self, data: bytes, payload_size: int, ntp: int, tseq: int | None) -> Awaitable[bool] | None:
         send = self._direct

@@ -93,6 +93,10 @@ class Source:
         self.closed = False
         self._sinks: dict[str, Sink] = {}
         self._fanout: tuple[Sink, ...] = ()
+        #: sink id → the layers it wants packets of (``None``: all)
+        self._interest: dict[str, frozenset[int] | None] = {}
+        #: layer → the sinks that want its packets
+        self._by_layer: list[tuple[Sink, ...]] = []
         self._is_keyframe: Callable[[bytes], bool] | None = keyframe_detector(codec.mimeType)
 
     def __repr__(self) -> str:
@@ -125,15 +129,32 @@ class Source:
         layers; empty when unknown)."""
         return []
 
-    def attach(self, sink: Sink) -> None:
-        """Start delivering to ``sink`` (from the next packet)."""
+    def attach(self, sink: Sink, layers: frozenset[int] | None = None) -> None:
+        """Start delivering to ``sink`` (from the next packet) the packets of ``layers`` (all when ``None``)."""
         self._sinks[sink.id] = sink
-        self._fanout = tuple(self._sinks.values())
+        self._interest[sink.id] = layers
+        self._rebuild()
+
+    def listen(self, sink: Sink, layers: frozenset[int] | None) -> None:
+        """Change which layers' packets ``sink`` gets (a consumer switching layers needs only the one it sends
+        and the one it switches to: the others are not even offered to it)."""
+        if sink.id in self._sinks and self._interest.get(sink.id) != layers:
+            self._interest[sink.id] = layers
+            self._rebuild()
 
     def detach(self, sink: Sink) -> None:
         """Stop delivering to ``sink``. Idempotent."""
         if self._sinks.pop(sink.id, None) is not None:
-            self._fanout = tuple(self._sinks.values())
+            self._interest.pop(sink.id, None)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._fanout = tuple(self._sinks.values())
+        def wants(sink: Sink, layer: int) -> bool:
+            layers = self._interest[sink.id]
+            return layers is None or layer in layers
+
+        self._by_layer = [tuple(s for s in self._fanout if wants(s, layer)) for layer in range(self.layer_count)]
 
     def request_keyframe(self, layer: int | None = None) -> None:
         """A sink needs a decodable picture of ``layer`` (every layer when ``None``). No-op for audio."""
@@ -158,13 +179,16 @@ class Source:
         all sinks share is done here, once: whether the packet starts a decodable picture (tested unless
         ``keyframe`` is given) and the send clocks.
         """
-        if self.paused or not self._fanout:
+        if self.paused:
+            return
+        sinks = self._by_layer[layer] if layer < len(self._by_layer) else self._fanout
+        if not sinks:
             return
         if keyframe is None:
             keyframe = self._is_keyframe is None or self._is_keyframe(packet.payload)
         ntp = clock.current_ntp_time()
         meta = PacketMeta(keyframe, ntp, ((ntp >> 14) & 0x00FFFFFF).to_bytes(3, "big"), time.time(), layer, vp8)
-        for sink in self._fanout:
+        for sink in sinks:
             pending = sink.deliver(packet, meta)
             if pending is not None:
                 await pending
@@ -175,5 +199,7 @@ class Source:
             return
         self.closed = True
         sinks, self._sinks, self._fanout = self._fanout, {}, ()
+        self._interest.clear()
+        self._by_layer = []
         for sink in sinks:
             sink.source_closed()

@@ -450,6 +450,11 @@ class ChorusClient:
     async def set_muted(self, track_id: str, muted: bool) -> None:
         await self.request("mute", {"track_id": track_id, "muted": muted})
 
+    async def set_preferences(self, track_id: str, *, max_height: int | None = None, paused: bool = False) -> None:
+        """Say how a received track is shown: ``max_height`` pixels tall (``None``: no limit), or not at all
+        (``paused``); the server sends the simulcast layer that fits (see docs/signaling.md)."""
+        await self.request("set_preferences", {"track_id": track_id, "max_height": max_height, "paused": paused})
+
     async def leave(self) -> None:
         await self.request("leave")
 
