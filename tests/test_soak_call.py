@@ -47,10 +47,13 @@ async def test_steady_call_memory(tmp_path: Path) -> None:
                 last = frames  # fps above: per remote stream (two per page)
                 process = json.loads(server.get("/api/debug/process", timeout=30)[1])
                 point = {"minute": minute, "rss_mb": round(process["rss_bytes"] / 1e6, 1), "fps": min(fps),
-                         "tasks": process["tasks"], "fds": process["fds"]}
+                         "tasks": process["tasks"], "fds": process["fds"], "python_blocks": process["python_blocks"],
+                         "malloc_in_use_mb": round(process.get("malloc_in_use_bytes", 0) / 1e6, 1),
+                         "malloc_free_mb": round(process.get("malloc_free_bytes", 0) / 1e6, 1)}
                 series.append(point)
                 print(f"soak minute {minute}: RSS {point['rss_mb']} MB, fps per remote stream {fps}, "
-                      f"tasks {point['tasks']}, fds {point['fds']}", flush=True)
+                      f"tasks {point['tasks']}, fds {point['fds']}, python blocks {point['python_blocks']}, "
+                      f"malloc in use {point['malloc_in_use_mb']} MB, free {point['malloc_free_mb']} MB", flush=True)
             await browser.close()
     finally:
         server.stop()
