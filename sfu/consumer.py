@@ -24,6 +24,7 @@ from . import aiortc_adapter as adapter
 from . import stats
 from .bandwidth import TRANSPORT_CC_ID, SubscriberBandwidth
 from .logs import PeerLogger
+from .packetcache import PacketCache
 from .rtp import RtpWriter
 from .seqmanager import SeqManager, TimestampRebaser
 from .source import PacketMeta, Source
@@ -90,7 +91,8 @@ class Consumer:
     (:class:`~.vp8.Vp8Munger`) so the subscriber sees one continuous stream.
 
     Per packet it also rewrites SSRC, payload type and the header extensions (adding the transport-wide
-    sequence number when negotiated), keeps the last :data:`NACK_CACHE_SIZE` packets to answer NACKs, and keeps
+    sequence number when negotiated), keeps the last :data:`NACK_CACHE_SIZE` packets (video; an eighth for audio)
+    in a fixed-size :class:`~.packetcache.PacketCache` to answer NACKs, and keeps
     sender statistics for SRs. Subscriber PLI/FIR go to the source (for the layer being sent), which merges
     them; REMB is recorded.
     """
@@ -143,7 +145,8 @@ class Consumer:
         self._vp8 = Vp8Munger(MAX_TEMPORAL) if source.codec.mimeType.lower() == "video/vp8" else None
         self._munge: bool | None = None  # decided at the first packet: simulcast, or temporal layers present
         self._last_ts = self._ts.last_output
-        self._cache: list[tuple[int, bytes, int] | None] = [None] * NACK_CACHE_SIZE
+        # Browsers negotiate NACK for video only: audio keeps a short history.
+        self._cache = PacketCache(NACK_CACHE_SIZE if self.kind == "video" else NACK_CACHE_SIZE // 8)
         self._original_rtcp = adapter.hook_sender_rtcp(self._sender, self._handle_rtcp)
         source.attach(self, self._layers_needed())
 
@@ -272,7 +275,7 @@ class Consumer:
         self._last_ts = timestamp
         tseq = self._bandwidth.next_seq() if self._transport_cc and self._bandwidth is not None else None
         data = self._writer.write(packet, seq, timestamp, meta.abs_send_time, payload, tseq)
-        self._cache[seq % NACK_CACHE_SIZE] = (seq, data, self._writer.transport_cc_at)
+        self._cache.put(seq, data, self._writer.transport_cc_at)
         return self._send(data, len(payload), meta.ntp, tseq)
 
     def _switch(self, layer: int) -> None:
@@ -345,9 +348,9 @@ class Consumer:
         elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
             self.stats.nacks += 1
             for seq in packet.lost:
-                entry = self._cache[seq % NACK_CACHE_SIZE]
-                if entry is not None and entry[0] == seq:
-                    data, at = entry[1], entry[2]
+                entry = self._cache.get(seq)
+                if entry is not None:
+                    data, at = entry
                     tseq = None
                     if at >= 0 and self._bandwidth is not None:
                         tseq = self._bandwidth.next_seq()  # a retransmission is a new packet on the wire
@@ -378,7 +381,7 @@ class Consumer:
             return
         self.closed = True
         self.source.detach(self)
-        self._cache = []
+        self._cache.clear()
         adapter.unhook_sender_rtcp(self._sender)
         stats.retire(self.stats, stats.CONSUMER_COUNTERS)
 
