@@ -27,6 +27,9 @@ What is used, and why:
   (:func:`direct_rtp_sender`) ``RTCDtlsTransport._state``/``_tx_srtp`` and aioice's
   ``Connection._nominated`` pair with its protocol's UDP transport, to do the same synchronously;
   ``RTCDtlsTransport._rx_srtp`` and ``Connection._protocols`` for the benchmark's receive fast path.
+* ``aiortc.codecs.CODECS`` — aiortc's codec table (module-level, process-wide): :func:`offerable_codec` adds an
+  H.264 entry for a profile aiortc does not list (Main, ...) the first time a source in that profile is offered,
+  so the subscriber's answer is accepted (aiortc matches H.264 answers against this table by profile).
 * ``OpusEncoder.codec`` — the libopus context of aiortc's encoder, to set the MCU mix's bit rate.
 * ``RTCRtpTransceiver._headerExtensions`` and the ``rtcpFeedback`` of ``_codecs`` — edited per transceiver
   between ``setRemoteDescription`` and ``createAnswer``/``createOffer``, to negotiate what aiortc does not offer:
@@ -75,14 +78,23 @@ import aioice.candidate
 import aioice.ice
 import aioice.turn
 import aiortc
+import aiortc.codecs
 import aiortc.rtcrtpreceiver
 from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
-from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpHeaderExtensionParameters
+from aiortc.rtcrtpparameters import (
+    RTCRtcpFeedback,
+    RTCRtpCodecCapability,
+    RTCRtpCodecParameters,
+    RTCRtpHeaderExtensionParameters,
+)
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import AnyRtcpPacket, HeaderExtensionsMap, RtpPacket
+
+from .errors import UnsupportedCodecError
+from .rtp import h264_profile, same_codec
 
 SUPPORTED_AIORTC = "1.16.0"
 
@@ -145,6 +157,8 @@ async def check() -> None:
         problems.append("aioice.ice.Connection.get_component_candidates is missing")
     if not hasattr(RTCDtlsTransport, "_send_rtp"):
         problems.append("RTCDtlsTransport._send_rtp is missing")
+    if not isinstance(getattr(aiortc.codecs, "CODECS", None), dict) or "video" not in aiortc.codecs.CODECS:
+        problems.append("aiortc.codecs.CODECS (the codec table) is missing")
 
     # Instance attributes only exist on live objects: build a throwaway receiver and sender.
     pc = aiortc.RTCPeerConnection()
@@ -532,6 +546,41 @@ async def send_rtcp(dtls: RTCDtlsTransport, data: bytes) -> None:
 
     :raises ConnectionError: the connection is not (or no longer) connected."""
     await dtls._send_rtp(data)
+
+
+def offerable_codec(codec: RTCRtpCodecParameters) -> RTCRtpCodecCapability:
+    """
+    The capability to put in a transceiver's codec preferences for a source in ``codec`` (the same format, see
+    :func:`.rtp.same_codec`). aiortc lists H.264 only as baseline and constrained baseline; for another profile
+    WebRTC knows (Main, High, ...) one entry, with the source's ``profile-level-id``, is added to aiortc's codec
+    table (with its RTX), once per profile and packetization mode: a process-wide, append-only change.
+
+    :raises UnsupportedCodecError: no such capability, and none can be added (an unknown H.264 profile, or
+        another codec aiortc does not support).
+    """
+    kind = codec.mimeType.split("/", 1)[0].lower()
+    for capability in RTCRtpSender.getCapabilities(kind).codecs:
+        if same_codec(capability, codec):
+            return capability
+    if codec.mimeType.lower() != "video/h264" or h264_profile(codec) is None:
+        raise UnsupportedCodecError(f"{codec.mimeType} {dict(codec.parameters)} cannot be offered")
+    table: list[RTCRtpCodecParameters] = aiortc.codecs.CODECS["video"]
+    payload_type = max(c.payloadType or 0 for c in table) + 1
+    if payload_type + 1 > 127:
+        raise UnsupportedCodecError("no dynamic payload type left for another H.264 profile")
+    template = next(c for c in table if c.mimeType.lower() == "video/h264")
+    parameters: dict[str, str | int | None] = {
+        "level-asymmetry-allowed": "1",
+        "packetization-mode": str(codec.parameters.get("packetization-mode", "1")),
+        "profile-level-id": str(codec.parameters["profile-level-id"]).lower(),
+    }
+    table += [
+        RTCRtpCodecParameters(mimeType=template.mimeType, clockRate=template.clockRate, payloadType=payload_type,
+                              rtcpFeedback=list(template.rtcpFeedback), parameters=parameters),
+        RTCRtpCodecParameters(mimeType="video/rtx", clockRate=template.clockRate, payloadType=payload_type + 1,
+                              parameters={"apt": payload_type}),
+    ]
+    return next(c for c in RTCRtpSender.getCapabilities(kind).codecs if same_codec(c, codec))
 
 
 def direct_rtp_sender(sender: RTCRtpSender) -> Callable[[bytes], None] | None:

@@ -6,11 +6,13 @@ Everything here works on RTP payload bytes; nothing decodes media.
 
 from __future__ import annotations
 
+import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
+from aiortc.sdp import H264Profile, parse_h264_profile_level_id
 
 #: Codecs forwarded without transcoding, by lower-case MIME type.
 FORWARDABLE = frozenset({"audio/opus", "video/vp8", "video/h264"})
@@ -20,21 +22,61 @@ def is_forwardable(codec: RTCRtpCodecParameters) -> bool:
     return codec.mimeType.lower() in FORWARDABLE
 
 
+def h264_profile(codec: RTCRtpCodecParameters | RTCRtpCodecCapability) -> H264Profile | None:
+    """
+    The H.264 profile of a codec's ``profile-level-id`` as libwebrtc (and aiortc) classify it (RFC 6184 §8.1; the
+    constraint flags matter: ``42e01f`` is constrained baseline, ``42001f`` baseline), or ``None`` for a profile
+    WebRTC does not know (High 10, 4:2:2, ...). A missing parameter means constrained baseline, as in libwebrtc.
+    """
+    try:
+        return parse_h264_profile_level_id(str(codec.parameters.get("profile-level-id", "42e01f")))[0]
+    except ValueError:
+        return None
+
+
 def same_codec(capability: RTCRtpCodecCapability, codec: RTCRtpCodecParameters) -> bool:
     """
-    Whether ``capability`` (something we can offer) is the very format ``codec`` (what a publisher sends):
-    same MIME type and clock rate, and for H.264 the same packetization mode and profile.
+    Whether ``capability`` (something we can offer) is the very format ``codec`` (what a source sends): same MIME
+    type and clock rate, and for H.264 the same packetization mode and profile (the level may differ: the
+    subscribe SDP is then given the source's own ``profile-level-id``, see :func:`advertise_h264_levels`).
     """
     if capability.mimeType.lower() != codec.mimeType.lower() or capability.clockRate != codec.clockRate:
         return False
     if codec.mimeType.lower() == "video/h264":
-        for key in ("packetization-mode",):
-            if str(capability.parameters.get(key, "0")) != str(codec.parameters.get(key, "0")):
-                return False
-        a = str(capability.parameters.get("profile-level-id", ""))[:2].lower()
-        b = str(codec.parameters.get("profile-level-id", ""))[:2].lower()
-        return a == b
+        if str(capability.parameters.get("packetization-mode", "0")) != str(
+                codec.parameters.get("packetization-mode", "0")):
+            return False
+        profile = h264_profile(codec)
+        return profile is not None and h264_profile(capability) == profile
     return True
+
+
+_MID_LINE = re.compile(r"^a=mid:(\S+)\s*$", re.M)
+_PROFILE_LEVEL_ID = re.compile(r"(a=fmtp:\d+ [^\r\n]*profile-level-id=)([0-9a-fA-F]{6})")
+
+
+def advertise_h264_levels(sdp: str, codecs: Mapping[str | None, RTCRtpCodecParameters]) -> str:
+    """
+    ``sdp`` with the H.264 ``profile-level-id`` of each m-section named in ``codecs`` (mid → the codec of the
+    source it carries) replaced by that source's own.
+
+    aiortc matches H.264 codecs by profile only and keeps one capability per profile (see
+    :func:`.aiortc_adapter.offerable_codec`), so the SDP it writes names that capability's level; the subscriber
+    is told the level the source really sends (RFC 6184 §8.2.2: for a send-only stream the level is the one of
+    the stream). Only the SDP text changes: aiortc's own negotiation state is unaffected.
+    """
+    profile_level_ids = {
+        mid: str(codec.parameters["profile-level-id"]).lower() for mid, codec in codecs.items()
+        if mid is not None and codec.mimeType.lower() == "video/h264" and "profile-level-id" in codec.parameters
+    }
+    if not profile_level_ids:
+        return sdp
+    sections = re.split(r"(?=^m=)", sdp, flags=re.M)
+    for i, section in enumerate(sections):
+        match = _MID_LINE.search(section)
+        if match is not None and (plid := profile_level_ids.get(match.group(1))) is not None:
+            sections[i] = _PROFILE_LEVEL_ID.sub(lambda m, plid=plid: m.group(1) + plid, section)
+    return "".join(sections)
 
 
 def vp8_is_keyframe_start(payload: bytes) -> bool:

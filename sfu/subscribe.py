@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from . import aiortc_adapter as adapter
@@ -27,7 +27,7 @@ from .errors import InvalidSdpError, InvalidStateError
 from .ids import new_id
 from .logs import PeerLogger
 from .observer import OfferedTrack, SubscribeOffer
-from .rtp import same_codec
+from .rtp import advertise_h264_levels
 from .sdp import TRANSPORT_CC_URI, offer_transport_cc, parse_sdp, strip_mdns_candidates
 from .source import Source
 from .transport import Transport, close_peer_connection
@@ -103,8 +103,7 @@ class SubscribeTransport(Transport):
         if self._pc is None:
             self._pc = self._new_pc()
         transceiver = self._pc.addTransceiver(IdleTrack(source.kind), direction="sendonly")
-        capabilities = RTCRtpSender.getCapabilities(source.kind).codecs
-        transceiver.setCodecPreferences([c for c in capabilities if same_codec(c, source.codec)][:1])
+        transceiver.setCodecPreferences([adapter.offerable_codec(source.codec)])
         # One media stream per publishing peer, so a browser groups (and lip-syncs) its audio and video.
         adapter.set_sender_stream(transceiver.sender, stream_id=source.peer_id, track_id=source.id)
         consumer = Consumer(new_id("c"), source, self.peer_id, transceiver,
@@ -171,7 +170,8 @@ class SubscribeTransport(Transport):
                 self._hook(pc)
                 tracks = [OfferedTrack(c.mid, c.source.id, c.source.peer_id, c.kind) for c in self.consumers.values()]
                 self._answer = asyncio.get_running_loop().create_future()
-                offer = offer_transport_cc(pc.localDescription.sdp, TRANSPORT_CC_ID)
+                codecs = {c.mid: c.source.codec for c in self.consumers.values()}
+                offer = offer_transport_cc(advertise_h264_levels(pc.localDescription.sdp, codecs), TRANSPORT_CC_ID)
                 self._send_offer(SubscribeOffer(offer, tracks, restart))
                 try:
                     await asyncio.wait_for(asyncio.shield(self._answer), ANSWER_TIMEOUT)
