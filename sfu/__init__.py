@@ -3,8 +3,9 @@ Chorus media plane: a selective forwarding unit on top of aiortc.
 
 ``Router`` (one per room) → ``Peer`` (one per participant, owning a ``PublishTransport`` and a
 ``SubscribeTransport``) → ``Producer`` (a published track, one kind of ``Source``) → ``Consumer`` (a source
-forwarded to one subscriber, one kind of ``Sink``). Events go up through one ``RouterObserver``. This package never
-imports ``chorus.signaling``.
+forwarded to one subscriber, one kind of ``Sink``). An ``ExternalPeer`` is a participant whose sources are fed
+from inside the process (ingest); a ``Viewer`` (WHEP) watches chosen sources over a ``PlaybackTransport``.
+Events go up through one ``RouterObserver``. This package never imports ``chorus.signaling``.
 """
 
 from .consumer import Consumer
@@ -16,18 +17,22 @@ from .errors import (
     NotFoundError,
     UnsupportedCodecError,
 )
+from .external import ExternalPeer
 from .ids import new_id
 from .mcu import MODES, McuOptions, McuRouter
 from .observer import OfferedTrack, RouterObserver, SubscribeOffer, TrackInfo
 from .peer import Peer
+from .playback import PlaybackTransport
 from .producer import Producer
 from .router import Router, RouterCounts
 from .source import PacketMeta, Sink, Source
+from .viewer import Viewer
 
 __all__ = [
     "MODES",
     "ChorusError",
     "Consumer",
+    "ExternalPeer",
     "InvalidSdpError",
     "InvalidStateError",
     "LimitError",
@@ -37,6 +42,7 @@ __all__ = [
     "OfferedTrack",
     "PacketMeta",
     "Peer",
+    "PlaybackTransport",
     "Producer",
     "Router",
     "RouterCounts",
@@ -46,5 +52,6 @@ __all__ = [
     "SubscribeOffer",
     "TrackInfo",
     "UnsupportedCodecError",
+    "Viewer",
     "new_id",
 ]

@@ -9,12 +9,15 @@ import itertools
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .errors import InvalidStateError
+from .external import ExternalPeer
 from .logs import PeerLogger
 from .mixer import AudioMixer, VideoCompositor
 from .observer import RouterObserver
 from .peer import Peer
 from .producer import Producer
 from .router import Router, track_info
+from .source import Source
 from .stats import snapshot
 
 #: Room modes: ``sfu`` forwards every track to everyone; ``mcu`` mixes on the server.
@@ -93,7 +96,14 @@ class McuRouter(Router):
             peer.consume(self._audio.add_output(peer.id))
             peer.consume(self._video)
 
-    def source_added(self, peer: Peer, producer: Producer) -> None:
+    def add_external_peer(self, peer_id: str, name: str) -> ExternalPeer:
+        """Not in MCU rooms: the mixer decodes WebRTC tracks only.
+
+        :raises InvalidStateError: always."""
+        raise InvalidStateError(f"room {self.id} mixes on the server (mcu mode): streams cannot be ingested into it")
+
+    def source_added(self, peer: Peer | ExternalPeer, producer: Source) -> None:
+        assert isinstance(producer, Producer)  # an MCU room has no external peers
         # Called before aiortc starts the receiver, so undoing the SFU's "no decoding" still takes effect.
         track = producer.decoded_track()
         if producer.kind == "audio":
@@ -103,7 +113,7 @@ class McuRouter(Router):
         self._log.info("mcu source added", peer=peer.id, producer=producer.id, kind=producer.kind)
         self._observer.source_added(track_info(producer))
 
-    def source_closed(self, peer: Peer, producer: Producer) -> None:
+    def source_closed(self, peer: Peer | ExternalPeer, producer: Source) -> None:
         if producer.kind == "audio":
             self._audio.remove_source(producer.id)
         else:

@@ -67,3 +67,7 @@ class RouterObserver(Protocol):
 
     def layers_wanted(self, track: TrackInfo, rids: list[str]) -> None:
         """Which simulcast layers (RIDs) of ``track`` its publisher should keep sending; the others nobody needs."""
+
+    def viewer_closed(self, viewer_id: str, reason: str) -> None:
+        """A viewer (WHEP player) ended: its connection failed or closed, or what it watched ended. The router has
+        already closed and forgotten it."""

@@ -8,10 +8,14 @@ from typing import Any
 
 from . import stats
 from .errors import InvalidStateError, NotFoundError
+from .external import ExternalPeer
 from .logs import PeerLogger
 from .observer import RouterObserver, SubscribeOffer, TrackInfo
 from .peer import Peer
 from .producer import Producer
+from .source import Source
+from .tasks import Tasks
+from .viewer import Viewer
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,7 @@ class RouterCounts:
     peers: int
     #: kind → published tracks
     producers: Counter[str]
-    #: kind → forwarded tracks (one per subscriber)
+    #: kind → forwarded tracks (one per subscriber, viewers included)
     consumers: Counter[str]
     #: video consumers by the simulcast layer sent ("0", "1", "2"; "none" while nothing is)
     video_layers: Counter[str] = field(default_factory=Counter)
@@ -29,10 +33,12 @@ class RouterCounts:
     reasons: Counter[str] = field(default_factory=Counter)
     #: each subscribe connection's bandwidth estimate (bps), where it has one
     estimates: list[int] = field(default_factory=list)
+    #: WHEP viewers (not participants)
+    viewers: int = 0
 
 
-def track_info(producer: Producer) -> TrackInfo:
-    return TrackInfo(producer.id, producer.peer_id, producer.kind, producer.codec.mimeType, producer.paused)
+def track_info(source: Source) -> TrackInfo:
+    return TrackInfo(source.id, source.peer_id, source.kind, source.codec.mimeType, source.paused)
 
 
 class Router:
@@ -43,7 +49,12 @@ class Router:
     consumer for each existing producer, and a new producer gets a consumer in every other peer. What happens
     is told to the ``observer`` (:class:`~.observer.RouterObserver`), in plain data.
 
-    Lifecycle: *open* → *closed*; :meth:`close` closes every peer (and so every producer and consumer).
+    Participants are WebRTC :class:`~.peer.Peer` objects or :class:`~.external.ExternalPeer` objects (an
+    ingested stream: sources fed from inside the process, consumed like anyone's producers, receiving nothing).
+    :class:`~.viewer.Viewer` objects (WHEP players) watch chosen sources and are not participants.
+
+    Lifecycle: *open* → *closed*; :meth:`close` closes every peer and viewer (and so every producer and
+    consumer).
     """
 
     mode = "sfu"
@@ -51,9 +62,14 @@ class Router:
     def __init__(self, room_id: str, observer: RouterObserver, *, log: PeerLogger) -> None:
         self.id = room_id
         self.closed = False
-        self._peers: dict[str, Peer] = {}
+        self._peers: dict[str, Peer | ExternalPeer] = {}
+        self._viewers: dict[str, Viewer] = {}
+        #: source id → when it was published (a sequence number), for choosing what a viewer watches
+        self._published: dict[str, int] = {}
+        self._publish_sequence = 0
         self._observer = observer
         self._log = log
+        self._tasks = Tasks(f"router {room_id}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id}, peers={len(self._peers)})"
@@ -72,12 +88,86 @@ class Router:
         self._peer_joined(peer)
         return peer
 
+    def add_external_peer(self, peer_id: str, name: str) -> ExternalPeer:
+        """Add a participant without a WebRTC connection (an ingested stream): whoever asked publishes sources on
+        it (:meth:`ExternalPeer.publish`) and every other participant consumes them. It receives nothing.
+
+        :raises InvalidStateError: the router is closed."""
+        if self.closed:
+            raise InvalidStateError(f"room {self.id} is closed")
+        peer = ExternalPeer(peer_id, name, self, log=self._log.bind(peer=peer_id))
+        self._peers[peer_id] = peer
+        return peer
+
     def peer(self, peer_id: str) -> Peer:
-        """:raises NotFoundError: no such peer here."""
+        """:raises NotFoundError: no such WebRTC peer here."""
         peer = self._peers.get(peer_id)
-        if peer is None:
+        if not isinstance(peer, Peer):
             raise NotFoundError(f"no participant {peer_id!r} in room {self.id!r}")
         return peer
+
+    # --- viewers (WHEP) ----------------------------------------------------------------------------------------
+
+    def create_viewer(self, viewer_id: str, name: str) -> Viewer:
+        """Add a viewer; it watches nothing until :meth:`Viewer.watch` (with ids from :meth:`playback_tracks`).
+
+        :raises InvalidStateError: the router is closed."""
+        if self.closed:
+            raise InvalidStateError(f"room {self.id} is closed")
+        viewer = Viewer(viewer_id, name, self, find_source=self._find_source, log=self._log.bind(viewer=viewer_id))
+        self._viewers[viewer_id] = viewer
+        return viewer
+
+    async def remove_viewer(self, viewer_id: str) -> bool:
+        """Close and forget a viewer. Whether it was here."""
+        viewer = self._viewers.pop(viewer_id, None)
+        if viewer is None:
+            return False
+        await viewer.close()
+        return True
+
+    def playback_tracks(self, participant: str | None = None) -> list[TrackInfo]:
+        """
+        What a viewer of this room watches: one video and one audio track of one participant, the
+        ``participant`` named (by id, else by name), else the one whose video was published most recently
+        (else whose audio was). Unmuted tracks first, then the most recent. Empty when nothing is live.
+
+        :raises NotFoundError: no participant of that id or name is here.
+        """
+        peers = list(self._peers.values())
+        if participant is not None:
+            named = [p for p in peers if p.id == participant] or [p for p in peers if p.name == participant]
+            if not named:
+                raise NotFoundError(f"no participant {participant!r} in room {self.id!r}")
+            peers = named
+
+        def rank(source: Source) -> tuple[bool, int]:
+            return not source.paused, self._published.get(source.id, -1)
+
+        def best(kind: str, among: list[Peer | ExternalPeer]) -> Source | None:
+            sources = [s for p in among for s in p.producers.values() if s.kind == kind and not s.closed]
+            return max(sources, key=rank, default=None)
+
+        lead = best("video", peers) or best("audio", peers)
+        if lead is None:
+            return []
+        owner = [p for p in peers if p.id == lead.peer_id]
+        chosen = [s for s in (best("video", owner), best("audio", owner)) if s is not None]
+        return [track_info(s) for s in chosen]
+
+    def _find_source(self, source_id: str) -> Source | None:
+        for peer in self._peers.values():
+            source = peer.producers.get(source_id)
+            if source is not None and not source.closed:
+                return source
+        return None
+
+    def viewer_failed(self, viewer: Viewer, reason: str) -> None:
+        """A viewer's connection failed or ended (ViewerHost): it is closed and the owner told."""
+        if self._viewers.pop(viewer.id, None) is None:
+            return
+        self._observer.viewer_closed(viewer.id, reason)
+        self._tasks.spawn(viewer.close(), name=f"close viewer {viewer.id}")
 
     async def remove_peer(self, peer_id: str) -> bool:
         """Close and remove a participant: its producers end for everyone. Whether it was here."""
@@ -100,9 +190,23 @@ class Router:
         """Every participant (id, name, tracks) but ``exclude``."""
         return [p.describe() for p in self._peers.values() if p.id != exclude]
 
+    def track_stats(self, peer_id: str) -> list[dict[str, Any]]:
+        """A participant's tracks as received: id, kind, codec (H.264: its ``profile-level-id``), packets, bytes."""
+        peer = self._peers.get(peer_id)
+        out: list[dict[str, Any]] = []
+        for source in peer.producers.values() if peer is not None else ():
+            counters = getattr(source, "stats", None)
+            entry: dict[str, Any] = {"id": source.id, "kind": source.kind, "codec": source.codec.mimeType,
+                                     "packets": getattr(counters, "packets", 0), "bytes": getattr(counters, "bytes", 0)}
+            if "profile-level-id" in source.codec.parameters:
+                entry["profile_level_id"] = source.codec.parameters["profile-level-id"]
+            out.append(entry)
+        return out
+
     def describe(self) -> dict[str, Any]:
         """The room's media plane for the admin API."""
-        return {"participants": [p.details() for p in self._peers.values()]}
+        return {"participants": [p.details() for p in self._peers.values()],
+                "viewers": [v.describe() for v in self._viewers.values()]}
 
     def set_preferences(self, peer_id: str, track_id: str, *, max_height: int | None, paused: bool) -> None:
         """A participant says how it shows a track it receives (see :meth:`Peer.set_preferences`).
@@ -112,33 +216,40 @@ class Router:
 
     def counts(self) -> RouterCounts:
         peers = list(self._peers.values())
-        video = [c for peer in peers for c in peer.consumers.values() if c.kind == "video"]
+        holders = [*peers, *self._viewers.values()]
+        video = [c for holder in holders for c in holder.consumers.values() if c.kind == "video"]
         return RouterCounts(
             len(peers),
             Counter(p.kind for peer in peers for p in peer.producers.values()),
-            Counter(c.kind for peer in peers for c in peer.consumers.values()),
+            Counter(c.kind for holder in holders for c in holder.consumers.values()),
             Counter("none" if c.layer is None else str(c.layer) for c in video),
             Counter(c.reason for c in video if c.source.layer_count > 1),
-            [p.subscriber.bandwidth.estimate_bps for p in peers if p.subscriber.bandwidth.mode != "none"],
+            [p.subscriber.bandwidth.estimate_bps for p in peers
+             if isinstance(p, Peer) and p.subscriber.bandwidth.mode != "none"],
+            len(self._viewers),
         )
 
     def live_totals(self) -> Counter[str]:
         """The media counters (:data:`~.stats.PRODUCER_COUNTERS`, :data:`~.stats.CONSUMER_COUNTERS`) of the live
-        producers and consumers; closed ones are in :data:`~.stats.TOTALS`."""
+        producers and consumers; closed ones are in :data:`~.stats.TOTALS`. Ingested sources are counted by
+        the ingest, not here."""
         return stats.live(
-            [p for peer in self._peers.values() for p in peer.producers.values()],
-            [c for peer in self._peers.values() for c in peer.consumers.values()],
+            [p for peer in self._peers.values() for p in peer.producers.values() if isinstance(p, Producer)],
+            [c for holder in [*self._peers.values(), *self._viewers.values()] for c in holder.consumers.values()],
         )
 
     async def close(self) -> None:
-        """Close every peer. Idempotent."""
+        """Close every peer and viewer. Idempotent."""
         if self.closed:
             return
         self.closed = True
         for peer_id in list(self._peers):
             await self.remove_peer(peer_id)
+        for viewer_id in list(self._viewers):
+            await self.remove_viewer(viewer_id)
+        await self._tasks.close()
 
-    # --- what peers tell (PeerHost) ------------------------------------------------------------------------
+    # --- what peers tell (PeerHost, ExternalPeerHost) ---------------------------------------------------------
 
     def _peer_joined(self, peer: Peer) -> None:
         """What a new peer receives: here every producer already in the room."""
@@ -148,13 +259,16 @@ class Router:
                     for producer in list(other.producers.values()):
                         peer.consume(producer)
 
-    def source_added(self, peer: Peer, producer: Producer) -> None:
+    def source_added(self, peer: Peer | ExternalPeer, producer: Source) -> None:
+        self._publish_sequence += 1
+        self._published[producer.id] = self._publish_sequence
         for other in self._peers.values():
-            if other is not peer and not other.closed and other.subscribe:
+            if other is not peer and not other.closed and isinstance(other, Peer) and other.subscribe:
                 other.consume(producer)
         self._observer.source_added(track_info(producer))
 
-    def source_closed(self, peer: Peer, producer: Producer) -> None:
+    def source_closed(self, peer: Peer | ExternalPeer, producer: Source) -> None:
+        self._published.pop(producer.id, None)
         self._observer.source_removed(track_info(producer))
 
     def layers_wanted(self, peer: Peer, producer: Producer, rids: list[str]) -> None:

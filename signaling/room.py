@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from chorus.sfu import (
+    ExternalPeer,
     InvalidStateError,
     LimitError,
     McuOptions,
@@ -16,6 +17,7 @@ from chorus.sfu import (
     Router,
     SubscribeOffer,
     TrackInfo,
+    Viewer,
 )
 from chorus.sfu.logs import PeerLogger
 from chorus.sfu.tasks import Tasks
@@ -61,6 +63,8 @@ class Room:
             else Router(room_id, self, log=router_log)
         )
         self.sessions: dict[str, Member] = {}
+        #: viewer id → its session (WHEP players: not participants, not announced, do not keep the room open)
+        self.viewers: dict[str, Member] = {}
         #: peer id → display name
         self.names: dict[str, str] = {}
         self.closed = False
@@ -100,6 +104,45 @@ class Room:
         self.log.info("peer joined", peer=peer_id, name=name, peers=len(self.sessions))
         self._emit("participant_joined", {"room": self.id, "participant": {"id": peer_id, "name": name}})
         return peer
+
+    def join_external(self, member: Member, peer_id: str, name: str) -> ExternalPeer:
+        """
+        Add a participant without a WebRTC connection (an ingested stream, see ``chorus.ingest``): its owner
+        publishes its tracks; the others get ``peer_joined`` as for anyone.
+
+        :raises LimitError: the room is full.
+        :raises InvalidStateError: the room mixes on the server (MCU), or is closed.
+        """
+        if self.closed:
+            raise InvalidStateError(f"room {self.id!r} is closed")
+        if len(self.sessions) >= self.max_peers:
+            raise LimitError(f"room {self.id!r} is full ({self.max_peers} participants)")
+        peer = self.router.add_external_peer(peer_id, name)
+        self.sessions[peer_id] = member
+        self.names[peer_id] = name
+        self.broadcast("peer_joined", {"peer": peer.describe()}, exclude=peer_id)
+        self.log.info("external participant joined", peer=peer_id, name=name, peers=len(self.sessions))
+        self._emit("participant_joined", {"room": self.id, "participant": {"id": peer_id, "name": name}})
+        return peer
+
+    def add_viewer(self, member: Member, viewer_id: str, name: str) -> Viewer:
+        """Add a WHEP viewer (it watches once :meth:`Viewer.watch` answered); ``member.removed`` when it ends.
+
+        :raises InvalidStateError: the room is closed."""
+        if self.closed:
+            raise InvalidStateError(f"room {self.id!r} is closed")
+        viewer = self.router.create_viewer(viewer_id, name)
+        self.viewers[viewer_id] = member
+        self.log.info("viewer added", viewer=viewer_id, name=name, viewers=len(self.viewers))
+        return viewer
+
+    async def remove_viewer(self, viewer_id: str, reason: str) -> bool:
+        """Close a viewer (the player deleted its session). Whether it was here."""
+        if self.viewers.pop(viewer_id, None) is None:
+            return False
+        await self.router.remove_viewer(viewer_id)
+        self.log.info("viewer removed", viewer=viewer_id, reason=reason, viewers=len(self.viewers))
+        return True
 
     async def leave(self, peer_id: str, reason: str) -> None:
         """Remove a participant: its tracks end for everyone, then ``peer_left``. Idempotent."""
@@ -142,6 +185,9 @@ class Room:
                                             "participant": {"id": peer_id, "name": self.names.get(peer_id)}})
         self.sessions.clear()
         self.names.clear()
+        for member in list(self.viewers.values()):
+            member.removed(reason)
+        self.viewers.clear()
         await self.router.close()
         await self._tasks.close()
         self._on_empty(self)
@@ -177,6 +223,12 @@ class Room:
 
         if not self._tasks.closed:
             self._tasks.spawn(remove(), name=f"remove failed peer {peer_id}")
+
+    def viewer_closed(self, viewer_id: str, reason: str) -> None:
+        member = self.viewers.pop(viewer_id, None)
+        if member is not None:
+            self.log.info("viewer ended", viewer=viewer_id, reason=reason, viewers=len(self.viewers))
+            member.removed(reason)
 
     def send_offer(self, peer_id: str, offer: SubscribeOffer) -> None:
         session = self.sessions.get(peer_id)
