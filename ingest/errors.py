@@ -64,3 +64,9 @@ class TranscodeError(IngestError):
     """A decoder or encoder failed, or its worker process died."""
 
     code = "transcode_failed"
+
+
+class RoomUnavailableError(IngestError):
+    """The stream's room cannot take it here: full, hosted by another node of the cluster, or in MCU mode."""
+
+    code = "room_unavailable"

@@ -378,9 +378,11 @@ def webrtc_profile(profile_level_id: str) -> str | None:
     return None
 
 
-#: WebRTC H.264 profiles browsers decode (Chromium 156 receives CB, Baseline, Main and High; Safari and Firefox
-#: at least CB). Pass a narrower set when the room's subscribers advertise less.
-BROWSER_PROFILES = frozenset({"constrained-baseline", "baseline", "main", "high"})
+#: WebRTC H.264 profiles forwarded as they are by default: what Chromium receives over WebRTC (its recvonly offer
+#: lists 42001f, 42e01f, 4d001f and f4001f: no High, so a High stream is re-encoded). Firefox (OpenH264) takes
+#: the two baselines only and Safari constrained baseline and (constrained) high: pass a narrower set for such
+#: audiences (setting ``ingest_passthrough_profiles``).
+BROWSER_PROFILES = frozenset({"constrained-baseline", "baseline", "main"})
 
 
 def needs_reencode(config: VideoConfig, unit: VideoAccessUnit | None = None, *,

@@ -21,6 +21,11 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def key_digest(key: str) -> str:
+    """The hex SHA-256 digest of a stream key: what is stored on disk and in Redis instead of the key."""
+    return _digest(key).hex()
+
+
 class StreamKeys:
     """
     A thread-safe map from stream key to grant (whatever the caller wants back: an ingress record, an id).
@@ -62,6 +67,19 @@ class StreamKeys:
     def replace(self, keys: Mapping[str, Any]) -> None:
         """Swap in a whole new set (after loading from disk or Redis)."""
         fresh = {_digest(k): v for k, v in keys.items()}
+        with self._lock:
+            self._grants = fresh
+
+    def replace_digests(self, digests: Mapping[str, Any]) -> None:
+        """Swap in a whole new set given as :func:`key_digest` values (what the ingress store keeps).
+
+        :raises ValueError: a digest is not 64 hex digits."""
+        fresh = {}
+        for digest, grant in digests.items():
+            raw = bytes.fromhex(digest)
+            if len(raw) != 32 or grant is None:
+                raise ValueError("a stream key digest is 32 bytes in hex, with a grant")
+            fresh[raw] = grant
         with self._lock:
             self._grants = fresh
 

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 import av
 import av.video.frame
 
-from .transcode import WIRE_FLAG_KEY, WIRE_HEADER, WIRE_KIND_END, WIRE_KIND_ERROR, WIRE_KIND_UNIT, ReencodeSettings
+from .wire import WIRE_FLAG_KEY, WIRE_HEADER, WIRE_KIND_END, WIRE_KIND_ERROR, WIRE_KIND_UNIT, ReencodeSettings
 
 
 def _worker(settings: ReencodeSettings, stdin: BinaryIO, stdout: BinaryIO) -> None:

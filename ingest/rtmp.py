@@ -128,6 +128,14 @@ class RtmpServer:
             await self._server.wait_closed()
             self._server = None
 
+    def stop(self, connection_id: str) -> bool:
+        """End one connection (its sink gets ``ended("stopped")``); whether it was connected."""
+        for connection in self._connections:
+            if connection.id == connection_id and connection.task is not None:
+                connection.task.cancel()
+                return True
+        return False
+
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)
         remote = (str(peer[0]), int(peer[1]))
@@ -146,7 +154,7 @@ class RtmpServer:
         connection = RtmpConnection(self, reader, writer, remote, next(self._ids))
         self._connections.add(connection)
         self._per_address[remote[0]] += 1
-        self._tasks.spawn(self._serve(connection), name=f"rtmp connection {connection.id}")
+        connection.task = self._tasks.spawn(self._serve(connection), name=f"rtmp connection {connection.id}")
 
     async def _serve(self, connection: RtmpConnection) -> None:
         try:
@@ -195,6 +203,7 @@ class RtmpConnection:
         self.stream_name = ""
         self.sink: MediaSink | None = None
         self.session: PublishSession | None = None
+        self.task: asyncio.Task[None] | None = None
         self._publish_stream_id = 0
         self._streams: dict[int, _ChunkStream] = {}
         self._buffered = 0
@@ -234,7 +243,7 @@ class RtmpConnection:
             reason = EndReason.from_error(e)
             self.log.info("rtmp connection failed", error=e.code, detail=e.reason)
         except asyncio.CancelledError:
-            reason = EndReason("stopped", "the server is closing")
+            reason = EndReason("stopped", "Chorus stopped the stream")
             raise
         finally:
             self._finish(reason or EndReason("disconnected"))

@@ -278,6 +278,14 @@ class SrtServer:
             self.lib_handle.lib.srt_close(self._listener)
             self._listener = -1
 
+    def stop(self, connection_id: str) -> bool:
+        """End one publisher (its sink gets ``ended("stopped")`` within the receive timeout); whether it was here."""
+        with self.connections_lock:
+            found = [c for c in self.by_socket.values() if c.id == connection_id]
+        for connection in found:
+            connection.stop()
+        return bool(found)
+
     # --- libsrt's thread ------------------------------------------------------------------------------------------
 
     def _on_handshake(self, _opaque: Any, ns: int, _version: int, peer: int | None, streamid: bytes | None) -> int:
@@ -473,7 +481,7 @@ class _SrtConnection:
             if reader.error is not None:
                 raise reader.error
             if self.stopping.is_set():
-                reason = EndReason("stopped", "the listener is closing")
+                reason = EndReason("stopped", "Chorus stopped the stream")
         except IngestError as e:
             reason = EndReason.from_error(e)
             self.log.info("srt connection failed", error=e.code, detail=e.reason)

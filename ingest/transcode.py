@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import queue
-import struct
 import sys
 import threading
 import time
@@ -46,6 +45,15 @@ from chorus.sfu.tasks import Tasks
 from .errors import TranscodeError
 from .h264 import NAL_PPS, NAL_SPS, join_annexb, nal_type, split_annexb, video_config
 from .media import AudioConfig, AudioFrame, MediaItem, VideoAccessUnit, VideoConfig
+from .wire import (
+    WIRE_FLAG_KEY,
+    WIRE_HEADER,
+    WIRE_KIND_END,
+    WIRE_KIND_ERROR,
+    WIRE_KIND_UNIT,
+    WIRE_MAX_UNIT,
+    ReencodeSettings,
+)
 
 logger = logging.getLogger("chorus.ingest.transcode")
 
@@ -173,31 +181,6 @@ class AacToOpus:
 
 
 # --- video: a child process ---------------------------------------------------------------------------------------
-
-WIRE_HEADER = struct.Struct("!BBqqI")
-WIRE_KIND_UNIT, WIRE_KIND_END, WIRE_KIND_ERROR = 1, 2, 3
-WIRE_FLAG_KEY = 1
-WIRE_MAX_UNIT = 16 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class ReencodeSettings:
-    """
-    What the re-encoder makes: libx264 constrained baseline (``profile=baseline`` → ``42c0xx``), no B-frames,
-    ``tune=zerolatency``, Annex B with SPS/PPS repeated before every IDR.
-
-    :param width, height: output size; 0 keeps the input's.
-    :param keyint: frames between periodic keyframes (requested ones come on top).
-    """
-
-    bitrate: int = 1_200_000
-    fps: int = 30
-    width: int = 0
-    height: int = 0
-    preset: str = "veryfast"
-    keyint: int = 120
-    threads: int = 1
-
 
 class H264Reencoder:
     """
