@@ -40,8 +40,9 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$media; fi; \
 	fi
 
+# RTMP ingest on 1935 (docs/ingest.md): `chorus ingress create --room demo --name obs --kind rtmp` prints the URL.
 run: install
-	$(VENV)/bin/chorus serve --dev --host 127.0.0.1 --port 8080
+	$(VENV)/bin/chorus serve --dev --host 127.0.0.1 --port 8080 --rtmp-port 1935
 
 # Two nodes and a redis-server on this machine (http://127.0.0.1:8080 and :8081).
 run-cluster: install system-deps

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from chorus.ingest import IngressManager
 from chorus.sfu import McuOptions, aiortc_adapter
 from chorus.sfu.tasks import Tasks
 from chorus.turn import credentials as turn_credentials
@@ -21,12 +22,14 @@ from .admin import create_admin_app
 from .cluster import Cluster
 from .config import Settings
 from .drain import Drain
+from .ingress import add_admin_routes, build_manager
 from .limits import ConnectionLimiter, RateLimiter
 from .loophealth import LoopMonitor
 from .metrics import Metrics
 from .room import Room, RoomRegistry
 from .session import Session
 from .webhooks import WebhookSender
+from .whip import WebRtcHttp
 
 logger = logging.getLogger("chorus.app")
 
@@ -45,6 +48,8 @@ DRAIN = web.AppKey("drain", Drain)
 CONNECTIONS = web.AppKey("connections", ConnectionLimiter)
 LOOP = web.AppKey("loop", LoopMonitor)
 APP_TASKS = web.AppKey("app_tasks", Tasks)
+INGRESS = web.AppKey("ingress", IngressManager)
+WEBRTC_HTTP = web.AppKey("webrtc_http", WebRtcHttp)
 
 
 class ConfigError(Exception):
@@ -153,6 +158,16 @@ async def index(request: web.Request) -> web.FileResponse:
                             headers={"Referrer-Policy": "no-referrer"})
 
 
+async def watch_page(request: web.Request) -> web.FileResponse:
+    """The WHEP player: ``/watch?room=R`` (``&participant=P``)."""
+    return web.FileResponse(_web_root(request.app[SETTINGS]) / "watch.html")
+
+
+async def broadcast_page(request: web.Request) -> web.FileResponse:
+    """A WHIP publisher of the camera: ``/broadcast?room=R&name=N``."""
+    return web.FileResponse(_web_root(request.app[SETTINGS]) / "broadcast.html")
+
+
 def _web_root(settings: Settings) -> Path:
     return settings.web_root or WEB_ROOT
 
@@ -210,6 +225,18 @@ async def cluster_membership(app: web.Application) -> AsyncIterator[None]:
         await asyncio.sleep(0.01)
     await releases.close()
     await cluster.close()
+
+
+async def ingest_plane(app: web.Application) -> AsyncIterator[None]:
+    """Ingresses: load them, open the RTMP/SRT listeners, start the pulls; on shutdown every running ingress
+    ends (reason ``server shutdown``) before the rooms close."""
+    manager = app[INGRESS]
+    await manager.start()
+    # A draining node takes no new stream and ends the running ones with that reason (see drain.py).
+    app[DRAIN].subscribe(lambda deadline: app[APP_TASKS].spawn(manager.close("the server is draining"),
+                                                               name="ingress drain"))
+    yield
+    await manager.close("server shutdown")
 
 
 async def webhook_delivery(app: web.Application) -> AsyncIterator[None]:
@@ -317,22 +344,35 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[WEBSOCKETS] = weakref.WeakSet()
     app[READY] = asyncio.Event()
     app[CLUSTER] = build_cluster(settings, app[REGISTRY]) if settings.redis_url else None
+    app[INGRESS] = ingress = build_manager(settings, app[REGISTRY], app[CLUSTER], app[WEBHOOKS].emit)
+    metrics_.watch_ingress(ingress)
     app.cleanup_ctx.append(media_plane)
     app.cleanup_ctx.append(cluster_membership)
     app.cleanup_ctx.append(webhook_delivery)
     app.cleanup_ctx.append(loop_health)
     app.cleanup_ctx.append(app_tasks)
+    app.cleanup_ctx.append(ingest_plane)
     app.on_shutdown.append(close_websockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     cluster = app[CLUSTER]
-    app.add_subapp("/api", create_admin_app(
+    app[WEBRTC_HTTP] = webrtc_http = WebRtcHttp(
+        settings, app[REGISTRY], verify=token_verifier(settings),
+        ice_servers=lambda identity: ice_servers_for(settings, identity), cluster=cluster,
+        ingress=lambda: ingress, draining=lambda: drain.draining,
+        on_error=lambda code: metrics_.errors.labels(code).inc())
+    webrtc_http.add_routes(app)
+    admin = create_admin_app(
         app[REGISTRY], token_verifier(settings), lambda: cluster,
         drain=lambda timeout: (start_drain(app, timeout), drain.describe())[1],
         debug_hooks=settings.debug_hooks,
-    ))
+    )
+    add_admin_routes(admin, lambda: ingress)
+    app.add_subapp("/api", admin)
+    app.router.add_get("/watch", watch_page)
+    app.router.add_get("/broadcast", broadcast_page)
     app.router.add_get("/", index)
     app.router.add_static("/", _web_root(settings), show_index=False)
     return app

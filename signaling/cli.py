@@ -7,9 +7,11 @@ import json
 import ssl
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -19,6 +21,7 @@ from chorus.turn import cli as turn_cli
 from . import auth, serve, tls
 from .app import ConfigError, create_app
 from .config import Settings
+from .ingress import public_http_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--ready", action="store_true", help="check /readyz instead (503 while starting or draining)")
     health.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="keep trying for this long before failing (e.g. after starting it)")
+    serve.add_argument("--rtmp-port", type=int, help="RTMP ingest port (default: setting rtmp_port, 0 = off)")
+    serve.add_argument("--srt-port", type=int, help="SRT ingest port (default: setting srt_port, 0 = off)")
 
     token = commands.add_parser("token", help="room tokens").add_subparsers(dest="token_command", required=True)
     create = token.add_parser("create", help="print a signed room token")
@@ -54,7 +59,104 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--no-subscribe", action="store_true", help="receives no one")
     create.add_argument("--admin", action="store_true", help="may use the admin API")
     turn_cli.add_commands(commands)
+
+    ingress = commands.add_parser("ingress", help="streams into rooms: RTMP, SRT, WHIP, URL pull").add_subparsers(
+        dest="ingress_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="settings file (for auth_secret, host, port)")
+    common.add_argument("--server", help="the server's HTTP URL (default: public_url, else http://host:port)")
+    common.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    create_ingress = ingress.add_parser("create", parents=[common], help="define an ingress; prints its URL and key")
+    create_ingress.add_argument("--room", required=True, help="the room the stream goes into")
+    create_ingress.add_argument("--name", required=True, help="the participant's name in the room")
+    create_ingress.add_argument("--kind", required=True, choices=["rtmp", "srt", "whip", "url"],
+                                help="how the stream arrives")
+    create_ingress.add_argument("--url", help="--kind url: what to pull (rtsp://, rtmp://, https://….m3u8, a file "
+                                "in ingest_media_root)")
+    ingress.add_parser("list", parents=[common], help="every ingress and its state")
+    revoke = ingress.add_parser("revoke", parents=[common], help="delete an ingress (a running stream ends)")
+    revoke.add_argument("id", help="the ingress id (in_…)")
     return parser
+
+
+def ingress_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``chorus ingress``: the admin API of a running server, with an admin token minted from the settings."""
+    base = (args.server or public_http_url(settings)).rstrip("/")
+    context = ssl.create_default_context()
+    if not args.server:  # this machine's own server: its certificate names the public host (as for `health`)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    headers = {"Content-Type": "application/json"}
+    if settings.auth_secret is not None:
+        token = auth.create_token(settings.auth_secret, identity="chorus-cli", admin=True, ttl=300)
+        headers["Authorization"] = f"Bearer {token}"
+    if args.ingress_command == "create":
+        body: dict[str, object] = {"kind": args.kind, "room": args.room, "name": args.name}
+        if args.url:
+            body["url"] = args.url
+        status, data = _admin_call("POST", f"{base}/api/ingress", headers, context, body)
+    elif args.ingress_command == "list":
+        status, data = _admin_call("GET", f"{base}/api/ingress", headers, context)
+    else:
+        status, data = _admin_call("DELETE", f"{base}/api/ingress/{args.id}", headers, context)
+    if status >= 400 or status == 0:
+        reason = data.get("error", {}).get("reason") if isinstance(data.get("error"), dict) else data.get("error")
+        print(f"chorus: {reason or f'HTTP {status}'}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data if args.ingress_command != "revoke" else {"revoked": args.id}, indent=2))
+    elif args.ingress_command == "create":
+        print(describe_created(data))
+    elif args.ingress_command == "list":
+        for item in data.get("ingresses", []):
+            error = item.get("last_error") or {}
+            print(f"{item['id']}  {item['kind']:<4}  room={item['room']}  name={item['name']}  {item['state']}"
+                  + (f"  last error: {error.get('code')}: {error.get('reason')}" if error else ""))
+    else:
+        print(f"revoked {args.id}")
+    return 0
+
+
+def _admin_call(method: str, url: str, headers: dict[str, str], context: ssl.SSLContext,
+                body: dict[str, object] | None = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, method=method, headers=headers,
+                                     data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read())
+        except ValueError:
+            return e.code, {}
+    except OSError as e:
+        return 0, {"error": f"cannot reach {url}: {e}"}
+
+
+def describe_created(data: dict[str, Any]) -> str:
+    """What to type into OBS and ffmpeg for a new ingress (the key is shown only now)."""
+    kind, key = data["kind"], data.get("stream_key", "")
+    lines = [f"Ingress {data['id']} ({kind}) → room {data['room']} as {data['name']!r}"]
+    if kind == "rtmp":
+        lines += [f"  Server:     {data['url']}", f"  Stream key: {key}", "",
+                  "OBS: Settings → Stream → Service: Custom…, Server and Stream Key as above;",
+                  "     Settings → Output → Keyframe Interval 1 s (Advanced mode) for a quick start.",
+                  f"ffmpeg: ffmpeg -re -i INPUT -c:v libx264 -preset veryfast -tune zerolatency -bf 0 -g 30 "
+                  f"-c:a aac -ar 48000 -f flv {data['publish_url']}"]
+    elif kind == "srt":
+        lines += [f"  URL:        {data['url']}", f"  Stream key: {key}", "",
+                  f"OBS: Settings → Stream → Service: Custom…, Server {data['url']} (no stream key).",
+                  f"ffmpeg: ffmpeg -re -i INPUT -c:v libx264 -preset veryfast -tune zerolatency -bf 0 -g 30 "
+                  f"-c:a aac -ar 48000 -f mpegts '{data['url']}'"]
+    elif kind == "whip":
+        lines += [f"  URL:          {data['url']}", f"  Bearer token: {key}", "",
+                  "OBS (30+): Settings → Stream → Service: WHIP, Server and Bearer Token as above."]
+    else:
+        lines += [f"  Pulling {data['url']} (reconnects with backoff when it drops)."]
+    if key:
+        lines += ["", f"The key is shown only now. `chorus ingress revoke {data['id']}` disables it."]
+    return "\n".join(lines)
 
 
 def token_create(args: argparse.Namespace, settings: Settings) -> int:
@@ -100,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides: dict[str, object] = {}
     if args.command == "serve":
-        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("rtmp_port", args.rtmp_port),
+                                       ("srt_port", args.srt_port)) if v is not None}
         if args.dev:
             overrides["dev_mode"] = True
     try:
@@ -114,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return turn_cli.run(args, settings)
     if args.command == "health":
         return health(args, settings)
+    if args.command == "ingress":
+        return ingress_command(args, settings)
     if args.self_signed:
         try:
             cert_path, key_path = tls.self_signed(args.self_signed, Path(args.cert_dir) if args.cert_dir else None)

@@ -68,6 +68,15 @@ class Settings(BaseSettings):
             raise ValueError("auth_secret must be at least 32 bytes")
         return value
 
+    @field_validator("ingest_passthrough_profiles")
+    @classmethod
+    def _known_profiles(cls, value: list[str]) -> list[str]:
+        known = {"constrained-baseline", "baseline", "main", "high", "constrained-high", "predictive-high-444"}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown H.264 profile(s) {sorted(unknown)}; known: {sorted(known)}")
+        return value
+
     @field_validator("turn_secret")
     @classmethod
     def _no_padding(cls, value: str | None) -> str | None:
@@ -139,6 +148,36 @@ class Settings(BaseSettings):
                                     "logged; reported in /readyz and /metrics.")
     debug_hooks: bool = Field(False, description="Test-only admin routes (POST /api/debug/block). Never in "
                               "production.")
+
+    # --- ingest and playback (RTMP, SRT, WHIP, URL pull; WHEP; see docs/ingest.md) -------------------------
+    rtmp_port: int = Field(0, ge=0, le=65535, description="RTMP ingest port (0: off; `make run` uses 1935).")
+    srt_port: int = Field(0, ge=0, le=65535, description="SRT ingest port, UDP (0: off). Needs Debian's libsrt.")
+    ingest_host: str | None = Field(None, description="Address the RTMP and SRT listeners bind (default: host).")
+    ingest_public_host: str | None = Field(
+        None, description="Host named in the ingest URLs handed out, as encoders reach it (default: ingest_host)."
+    )
+    public_url: str | None = Field(
+        None, description="This server's HTTP base URL as clients reach it, for WHIP/WHEP URLs (default: from "
+        "node_url, else http://host:port)."
+    )
+    max_ingresses: int = Field(16, ge=1, description="Ingested streams live at once (RTMP, SRT, URL pulls, WHIP "
+                               "with a stream key).")
+    ingest_max_per_address: int = Field(4, ge=1, description="RTMP/SRT connections and WHIP/WHEP sessions per "
+                                        "client address.")
+    ingress_store: Path = Field(Path("chorus-ingresses.json"), description="File keeping the ingress definitions "
+                                "of a single node (keys only as SHA-256 digests); a cluster keeps them in Redis.")
+    ingest_media_root: Path | None = Field(None, description="Folder URL-pull ingresses may read files from "
+                                           "(unset: no files).")
+    ingest_passthrough_profiles: list[str] = Field(
+        default_factory=lambda: ["constrained-baseline", "baseline", "main"],
+        description="H.264 profiles forwarded without re-encoding (what the audience's browsers decode over "
+        "WebRTC); others, and any stream with B-frames, are re-encoded.",
+    )
+    ingest_idle_timeout: float = Field(4.0, ge=1.0, le=60.0, description="Seconds an RTMP/SRT/WHIP publisher may "
+                                       "send nothing before it is dropped.")
+    reencode_bitrate: int = Field(1_500_000, ge=100_000, description="Bit rate of re-encoded ingest video.")
+    reencode_preset: str = Field("veryfast", description="libx264 preset of re-encoded ingest video.")
+    whep_max_viewers: int = Field(100, ge=0, description="WHEP viewers this node serves at once.")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from chorus.ingest import KINDS, IngressManager
 from chorus.sfu import stats
 
 from .loophealth import BUCKETS, LoopMonitor
@@ -47,6 +48,7 @@ class MediaCollector(Collector):
         for kind in ("audio", "video"):
             gauge.add_metric([kind], sum(c.consumers[kind] for c in counts))
         yield gauge
+        yield GaugeMetricFamily("chorus_viewers", "WHEP viewers", value=sum(c.viewers for c in counts))
 
         gauge = GaugeMetricFamily("chorus_video_consumers_by_layer",
                                   "Forwarded video tracks by the simulcast layer sent (none: nothing yet)",
@@ -96,6 +98,45 @@ class LoopCollector(Collector):
                                     buckets=buckets, sum_value=m.total)
 
 
+class IngressCollector(Collector):
+    """Ingress gauges and counters, read from the manager on scrape."""
+
+    def __init__(self, manager: IngressManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        manager = self._manager
+        live = GaugeMetricFamily("chorus_ingress_live", "Ingested streams publishing now", labels=["kind"])
+        reencoding = 0
+        for kind in KINDS:
+            live.add_metric([kind], sum(1 for s in manager.live.values() if s.record.kind == kind))
+        for session in manager.live.values():
+            reencoding += int(session.bridge is not None and session.bridge.video_mode == "reencode")
+        yield live
+        yield GaugeMetricFamily("chorus_ingress_reencoding", "Ingested streams whose video is re-encoded",
+                                value=reencoding)
+        yield GaugeMetricFamily("chorus_ingresses", "Ingresses defined", value=len(manager.records))
+        started = CounterMetricFamily("chorus_ingress_started", "Ingest sessions started", labels=["kind"])
+        for kind in KINDS:
+            started.add_metric([kind], manager.started_counts[kind])
+        yield started
+        ended = CounterMetricFamily("chorus_ingress_ended", "Ingest sessions ended, by reason",
+                                    labels=["kind", "reason"])
+        for (kind, reason), count in sorted(manager.ended_counts.items()):
+            ended.add_metric([kind, reason], count)
+        yield ended
+        refused = CounterMetricFamily("chorus_ingress_refused", "Ingest connections refused, by error",
+                                      labels=["protocol", "code"])
+        for (proto, code), count in sorted(manager.refused_counts.items()):
+            refused.add_metric([proto, code], count)
+        yield refused
+        received = CounterMetricFamily("chorus_ingress_received_bytes", "Media bytes ingested", labels=["kind"])
+        totals = manager.totals()
+        for kind in KINDS:
+            received.add_metric([kind], totals[kind])
+        yield received
+
+
 class Metrics:
     """The metrics of one Chorus app."""
 
@@ -122,6 +163,10 @@ class Metrics:
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """A gauge read from ``read()`` on every scrape."""
         self.registry.register(_Read(name, doc, read))
+
+    def watch_ingress(self, manager: IngressManager) -> None:
+        """Report the ingresses of ``manager``."""
+        self.registry.register(IngressCollector(manager))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
