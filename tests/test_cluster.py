@@ -206,3 +206,42 @@ async def test_redis_outage_keeps_calls_and_recovers(nodes: list[ServerProcess],
         await asyncio.sleep(0.2)
     dave = await connect(a, clients)
     await dave.join("after-outage", "dave")
+
+
+async def test_whip_and_whep_redirect_to_the_node_hosting_the_room_and_ingress_keys_are_shared(
+        nodes: list[ServerProcess], clients: list[ChorusClient]) -> None:
+    """A WHIP or WHEP POST to the node that does not host the room gets 307 to the one that does (RFC 9725 §4.5);
+    an ingress created on one node is known (and revoked) on the other through Redis."""
+    import aiohttp
+
+    alice = await connect(nodes[0], clients)
+    await alice.join("streamed", "alice")
+    await alice.publish(SineTrack(440), EncodedVideoTrack(encode_vp8_clip(frames=30)))
+    host = next(n for n in nodes if alice.url == n.ws_url)
+    other = next(n for n in nodes if n is not host)
+    offer = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+    async with aiohttp.ClientSession() as http:
+        for path in ("/whip/streamed?name=cam", "/whep/streamed", "/whep/streamed/alice"):
+            async with http.post(other.http_url + path, data=offer, allow_redirects=False,
+                                 headers={"Content-Type": "application/sdp"}) as response:
+                assert response.status == 307, path
+                assert response.headers["Location"] == host.http_url + path
+        async with http.post(other.http_url + "/api/ingress",
+                             json={"kind": "rtmp", "room": "streamed", "name": "obs"}) as response:
+            assert response.status == 201
+            created = await response.json()
+
+        async def listed(node: ServerProcess) -> set[str]:
+            async with http.get(node.http_url + "/api/ingress") as response:
+                return {i["id"] for i in (await response.json())["ingresses"]}
+
+        deadline = time.monotonic() + 5
+        while created["id"] not in await listed(host):
+            assert time.monotonic() < deadline, "the other node never saw the ingress"
+            await asyncio.sleep(0.2)
+        async with http.delete(f"{host.http_url}/api/ingress/{created['id']}") as response:
+            assert response.status == 204
+        deadline = time.monotonic() + 5
+        while created["id"] in await listed(other):
+            assert time.monotonic() < deadline, "the revocation never reached the other node"
+            await asyncio.sleep(0.2)
