@@ -31,6 +31,10 @@ from .sources import H264Source, OpusSource
 from .transcode import AacToOpus, H264Reencoder, OpusPacket
 from .wire import ReencodeSettings
 
+#: Access units waiting for a running re-encoder at most (a second at 30 fps): a short stall is absorbed, and when it
+#: stays behind (a starved CPU) input is dropped until the stream's next keyframe rather than queued without end,
+#: so the latency it adds stays bounded.
+REENCODE_BACKLOG = 30
 #: Seconds over which ``bitrate`` is measured.
 BITRATE_WINDOW = 5.0
 
@@ -166,7 +170,7 @@ class StreamBridge:
         self.log.info("video re-encoded", reason=reason,
                       profile_level_id=self.input_video.profile_level_id if self.input_video else None)
         self.reencoder = H264Reencoder(self._reencoded, settings=self.settings.reencode, on_error=self._failed,
-                                       name=f"re-encode {self.peer.id}")
+                                       name=f"re-encode {self.peer.id}", max_backlog=REENCODE_BACKLOG)
         self._tasks.spawn(self._start_reencoder(self.reencoder), name=f"start re-encoder {self.peer.id}")
 
     async def _start_reencoder(self, reencoder: H264Reencoder) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections import deque
 from collections.abc import Callable
 
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
@@ -31,6 +33,8 @@ from .transcode import OPUS_RATE, OpusPacket
 #: Payload types the sources are labelled with (each subscriber's consumer writes its negotiated one).
 H264_PAYLOAD_TYPE = 102
 OPUS_PAYLOAD_TYPE = 111
+#: Seconds over which :meth:`IngestSource.layer_bitrate` is measured.
+RATE_WINDOW = 2.0
 #: Largest RTP payload produced (fits a 1280-byte IPv6 MTU path with SRTP and header extensions).
 MAX_PAYLOAD = 1200
 
@@ -78,6 +82,7 @@ class IngestSource(Source):
         self._queue: asyncio.Queue[list[tuple[RtpPacket, bool]] | None] = asyncio.Queue(max_queue)
         self._sequence = random.randint(0, 0xFFFF)
         self._skip_to_keyframe = False
+        self._sizes: deque[tuple[float, int]] = deque()
         self._task = tasks.spawn(self._run(), name=f"forward {source_id}")
 
     def _packets(self, payloads: list[tuple[bytes, bool]], timestamp: int, keyframe: bool) -> list[
@@ -106,7 +111,17 @@ class IngestSource(Source):
         self.stats.units += 1
         self.stats.keyframes += int(keyframe and self.kind == "video")
         self.stats.packets += len(packets)
-        self.stats.bytes += sum(len(p.payload) for p, _ in packets)
+        size = sum(len(p.payload) for p, _ in packets)
+        self.stats.bytes += size
+        now = time.monotonic()
+        self._sizes.append((now, size))
+        while self._sizes[0][0] < now - RATE_WINDOW:
+            self._sizes.popleft()
+
+    def layer_bitrate(self, layer: int) -> int:
+        """Bits per second forwarded over the last :data:`RATE_WINDOW` seconds (the only layer)."""
+        now = time.monotonic()
+        return int(sum(size for at, size in self._sizes if at >= now - RATE_WINDOW) * 8 / RATE_WINDOW)
 
     async def _run(self) -> None:
         while (packets := await self._queue.get()) is not None:
@@ -149,8 +164,9 @@ class H264Source(IngestSource):
         payloads = self.packetizer.packetize(unit)
         self._enqueue(self._packets(payloads, rtp_timestamp(unit.pts_ms), unit.keyframe), unit.keyframe)
 
-    def request_keyframe(self) -> None:
-        """Ask the re-encoder for an IDR; nothing can be asked of a passthrough stream (see the class docstring)."""
+    def request_keyframe(self, layer: int | None = None) -> None:
+        """Ask the re-encoder for an IDR; nothing can be asked of a passthrough stream (see the class docstring).
+        There is one layer."""
         if self.closed:
             return
         self.stats.keyframe_requests += 1

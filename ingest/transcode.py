@@ -190,6 +190,9 @@ class H264Reencoder:
         then each :class:`VideoAccessUnit` (``pts_ms == dts_ms``: no reordering). Output trails input by the
         decoder's reordering depth (2 pictures for x264's default B-frames); :meth:`close` flushes it.
     :param on_error: called on the loop once if the worker dies or fails.
+    :param max_queue: input units held while the worker starts (it takes a moment to import PyAV).
+    :param max_backlog: once output flows, input units held at most (``None``: ``max_queue``); beyond, input is
+        dropped until the next keyframe, which bounds the latency a starved worker adds.
 
     Lifecycle: *new* → *running* (:meth:`start`) → *closed* (:meth:`close`: the worker is asked to end, then
     killed if it does not within 2 s). Idempotent close.
@@ -197,7 +200,7 @@ class H264Reencoder:
 
     def __init__(self, on_item: Callable[[MediaItem], None], *, settings: ReencodeSettings | None = None,
                  on_error: Callable[[TranscodeError], None] | None = None, name: str = "h264 re-encode",
-                 max_queue: int = 60) -> None:
+                 max_queue: int = 60, max_backlog: int | None = None) -> None:
         self.on_item = on_item
         self.on_error = on_error
         self.settings = settings or ReencodeSettings()
@@ -205,6 +208,7 @@ class H264Reencoder:
         self.log = PeerLogger(logger, transcoder=name)
         self.dropped = 0
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(max_queue)
+        self._max_backlog = max_backlog
         self._tasks = Tasks(f"transcode {name}")
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -260,6 +264,9 @@ class H264Reencoder:
         flags = WIRE_FLAG_KEY if self._force_keyframe else 0
         data = join_annexb(nalus)
         try:
+            if self._max_backlog is not None and self._config is not None and \
+                    self._queue.qsize() >= self._max_backlog:
+                raise asyncio.QueueFull
             self._queue.put_nowait(WIRE_HEADER.pack(WIRE_KIND_UNIT, flags, item.pts_ms, item.dts_ms, len(data)) + data)
             self._skipping = False
             self._force_keyframe = False

@@ -63,6 +63,16 @@ class ExternalPeer:
             "tracks": [{"id": s.id, "kind": s.kind, "muted": s.paused} for s in self._sources.values()],
         }
 
+    def details(self) -> dict[str, Any]:
+        """Everything about the participant for the admin API: its tracks with codecs; it receives nothing."""
+        return {
+            **self.describe(),
+            "external": True,
+            "publish": {"tracks": [{"id": s.id, "kind": s.kind, "codec": s.codec.mimeType,
+                                    "profile_level_id": s.codec.parameters.get("profile-level-id")}
+                                   for s in self._sources.values()]},
+        }
+
     def publish(self, source: Source) -> None:
         """Announce ``source`` (whose ``peer_id`` is this participant): every other peer starts consuming it.
 

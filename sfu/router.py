@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,6 +248,9 @@ class Router:
             await self.remove_peer(peer_id)
         for viewer_id in list(self._viewers):
             await self.remove_viewer(viewer_id)
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while len(self._tasks) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)  # viewers that ended on their own are still closing: let them finish
         await self._tasks.close()
 
     # --- what peers tell (PeerHost, ExternalPeerHost) ---------------------------------------------------------
