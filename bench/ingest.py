@@ -139,6 +139,12 @@ CHROMIUM_FLAGS = [
     "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--no-first-run", "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required",
 ]
+#: The remote video's jitter buffer: (total delay s, frames emitted), from getStats.
+JITTER = """async () => { let d = 0, n = 0; (await window.chorus.subscribePc.getStats()).forEach(r => {
+  if (r.type === 'inbound-rtp' && r.kind === 'video') {
+    d += r.jitterBufferDelay || 0; n += r.jitterBufferEmittedCount || 0;
+  }
+}); return [d, n]; }"""
 NO_CAMERA = "navigator.mediaDevices.getUserMedia = () => Promise.reject(new DOMException('viewer', 'NotAllowedError'));"
 
 
@@ -221,8 +227,10 @@ async def latency(server: Server, encode: str, seconds: float) -> dict[str, Any]
         try:
             await asyncio.sleep(6)  # start-up: the first keyframe, the jitter buffer settling
             await page.evaluate("window.latencies = []")
+            before = await page.evaluate(JITTER)
             await asyncio.sleep(seconds)
             values = sorted(await page.evaluate("window.latencies"))
+            after = await page.evaluate(JITTER)
             mode = admin(server.base, "GET", f"/ingress/{created['id']}").get("media", {}).get("video", {}).get("mode")
         finally:
             publisher.kill()
@@ -231,7 +239,10 @@ async def latency(server: Server, encode: str, seconds: float) -> dict[str, Any]
     admin(server.base, "DELETE", f"/ingress/{created['id']}")
     if not values:
         return {"encode": encode, "mode": mode, "frames": 0}
+    emitted = after[1] - before[1]
+    jitter_ms = round((after[0] - before[0]) / emitted * 1000) if emitted else None
     return {"encode": encode, "mode": mode, "frames": len(values), "fps": round(len(values) / seconds, 1),
+            "jitter_buffer_ms": jitter_ms,
             "median_ms": round(statistics.median(values)), "p95_ms": round(values[int(len(values) * 0.95)]),
             "min_ms": round(values[0])}
 
@@ -266,7 +277,7 @@ async def idle_cpu(server: Server, seconds: float) -> float:
     return round((cpu_seconds(server.proc.pid) - before) / (time.monotonic() - t0) * 100, 1)
 
 
-async def run(seconds: float) -> dict[str, Any]:
+async def run(seconds: float, *, cpu_runs: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="chorus-bench-ingest-") as folder:
         server = Server(Path(folder))
         try:
@@ -274,7 +285,7 @@ async def run(seconds: float) -> dict[str, Any]:
             for encode in ENCODES:
                 print(f"latency: {encode} …", file=sys.stderr, flush=True)
                 result["latency"].append(await latency(server, encode, seconds))
-            for encode in ENCODES:
+            for encode in ENCODES if cpu_runs else ():
                 print(f"cpu: {encode} …", file=sys.stderr, flush=True)
                 result["cpu"].append(await cpu(server, encode, seconds))
         finally:
@@ -284,11 +295,12 @@ async def run(seconds: float) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| stream | Chorus | frames/s | glass-to-glass median | p95 | min |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| stream | Chorus | frames/s | glass-to-glass median | p95 | min | Chromium's jitter buffer |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["latency"]:
         lines.append(f"| {row['encode']} | {row['mode']} | {row.get('fps', 0)} | {row.get('median_ms', '–')} ms "
-                     f"| {row.get('p95_ms', '–')} ms | {row.get('min_ms', '–')} ms |")
+                     f"| {row.get('p95_ms', '–')} ms | {row.get('min_ms', '–')} ms "
+                     f"| {row.get('jitter_buffer_ms')} ms |")
     lines += ["", "| stream (no viewer) | Chorus | Chorus process | re-encode worker | total |",
               "| --- | --- | --- | --- | --- |"]
     for row in result["cpu"]:
@@ -302,13 +314,14 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m chorus.bench.ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="measurement window per run (default 12)")
+    parser.add_argument("--no-cpu", action="store_true", help="measure latency only")
     parser.add_argument("--publish", help=argparse.SUPPRESS)
     parser.add_argument("--encode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.publish:
         publish(args.publish, args.encode, args.seconds)
         return
-    result = asyncio.run(run(args.seconds))
+    result = asyncio.run(run(args.seconds, cpu_runs=not args.no_cpu))
     out = ROOT / "bench" / "results" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -396,6 +396,7 @@ def turn_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestServer]
     tmp = tmp_path_factory.mktemp("ingest-turn")
     proc = ServerProcess(tmp, env={"CHORUS_DEV_MODE": "0", "CHORUS_AUTH_SECRET": SECRET,
                                    "CHORUS_TURN_SECRET": "turn-secret-for-link-headers",
+                                   "CHORUS_INGEST_MAX_PER_ADDRESS": "1",
                                    "CHORUS_INGRESS_STORE": str(tmp / "ingresses.json")})
     yield IngestServer(proc, 0, 0)
     proc.stop()
@@ -404,7 +405,7 @@ def turn_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestServer]
 
 async def test_whip_answers_the_rfc_details(turn_env: IngestServer, room: str) -> None:
     """OPTIONS/CORS, 415, 401 + WWW-Authenticate, 422 problem JSON for HEVC, 201 with Location/ETag/Link (TURN
-    credentials), PATCH 204/422/412, DELETE 200 then 404."""
+    credentials), 429 past the per-address cap (1 here), PATCH 204/422/412, DELETE 200 then 404."""
     env = turn_env
     url = f"{env.http_url}/whip/{room}"
     async with aiohttp.ClientSession() as http:
@@ -454,6 +455,9 @@ async def test_whip_answers_the_rfc_details(turn_env: IngestServer, room: str) -
                        and 'credential="' in link and 'rel="ice-server"' in link for link in links), links
             await pc.setRemoteDescription(RTCSessionDescription(await r.text(), "answer"))
         session = env.http_url + location
+        async with http.post(url, data=pc.localDescription.sdp,
+                             headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 429 and (await r.json(content_type=None))["code"] == "rate_limited"
         frag = "a=ice-ufrag:{}\r\na=ice-pwd:xyz\r\nm=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n" \
                "a=candidate:1 1 udp 2122260223 127.0.0.1 40000 typ host\r\n"
         ufrag = next(line.split(":", 1)[1] for line in pc.localDescription.sdp.splitlines()
@@ -611,6 +615,12 @@ async def test_bad_input_is_refused_or_cleaned_up_while_a_call_goes_on(env: Inge
             took = json.dumps({k: round(v, 2) for k, v in cleanup.items()})
             print(f"bad input over {end - start:.1f} s: cleaned up in {took} s; "
                   f"call {rate:.1f} fps (before {baseline:.1f}), worst gap {worst_gap * 1000:.0f} ms")
+            async with aiohttp.ClientSession() as http, http.get(f"{env.http_url}/metrics") as r:
+                metrics = await r.text()
+            for line in ('chorus_ingress_refused_total{protocol="rtmp",code="unauthorized"}',
+                         'chorus_ingress_refused_total{protocol="rtmp",code="protocol_error"}',
+                         'chorus_ingress_started_total{kind="srt"}', 'chorus_ingress_ended_total{kind="rtmp",'):
+                assert line in metrics, line
             assert all(v < 5.0 for v in cleanup.values())
             assert rate >= 0.9 * baseline
             assert worst_gap <= 0.5
