@@ -617,8 +617,8 @@ async def test_bad_input_is_refused_or_cleaned_up_while_a_call_goes_on(env: Inge
                   f"call {rate:.1f} fps (before {baseline:.1f}), worst gap {worst_gap * 1000:.0f} ms")
             async with aiohttp.ClientSession() as http, http.get(f"{env.http_url}/metrics") as r:
                 metrics = await r.text()
-            for line in ('chorus_ingress_refused_total{protocol="rtmp",code="unauthorized"}',
-                         'chorus_ingress_refused_total{protocol="rtmp",code="protocol_error"}',
+            for line in ('chorus_ingress_refused_total{code="unauthorized",protocol="rtmp"}',
+                         'chorus_ingress_refused_total{code="protocol_error",protocol="rtmp"}',
                          'chorus_ingress_started_total{kind="srt"}', 'chorus_ingress_ended_total{kind="rtmp",'):
                 assert line in metrics, line
             assert all(v < 5.0 for v in cleanup.values())
