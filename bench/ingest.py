@@ -255,10 +255,13 @@ async def cpu(server: Server, encode: str, seconds: float) -> dict[str, Any]:
         await asyncio.sleep(5)
         kids0 = {k: cpu_seconds(k) for k in children(server.proc.pid)}
         main0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
+        aac0 = aac_seconds(admin(server.base, "GET", f"/ingress/{created['id']}"))
         await asyncio.sleep(seconds)
         kids1 = {k: cpu_seconds(k) for k in children(server.proc.pid)}
         main1, t1 = cpu_seconds(server.proc.pid), time.monotonic()
-        media = admin(server.base, "GET", f"/ingress/{created['id']}").get("media", {})
+        described = admin(server.base, "GET", f"/ingress/{created['id']}")
+        media = described.get("media", {})
+        aac1 = aac_seconds(described)
     finally:
         publisher.kill()
         publisher.wait()
@@ -268,7 +271,12 @@ async def cpu(server: Server, encode: str, seconds: float) -> dict[str, Any]:
     return {"encode": encode, "mode": media.get("video", {}).get("mode"),
             "server_pct": round((main1 - main0) / wall * 100, 1),
             "reencoder_pct": round(sum(v - kids0.get(k, 0.0) for k, v in kids1.items()) / wall * 100, 1),
+            "aac_to_opus_pct": round((aac1 - aac0) / wall * 100, 1),
             "bitrate": media.get("bitrate")}
+
+
+def aac_seconds(ingress: dict[str, Any]) -> float:
+    return float(((ingress.get("media") or {}).get("audio") or {}).get("transcode_cpu_seconds") or 0.0)
 
 
 async def idle_cpu(server: Server, seconds: float) -> float:
@@ -301,12 +309,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['encode']} | {row['mode']} | {row.get('fps', 0)} | {row.get('median_ms', '–')} ms "
                      f"| {row.get('p95_ms', '–')} ms | {row.get('min_ms', '–')} ms "
                      f"| {row.get('jitter_buffer_ms')} ms |")
-    lines += ["", "| stream (no viewer) | Chorus | Chorus process | re-encode worker | total |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| stream (no viewer) | Chorus | Chorus process | of which AAC→Opus | re-encode worker | total |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for row in result["cpu"]:
         total = round(row["server_pct"] - result["idle_server_pct"] + row["reencoder_pct"], 1)
-        lines.append(f"| {row['encode']} | {row['mode']} | {row['server_pct']} % | {row['reencoder_pct']} % "
-                     f"| {total} % of one core |")
+        lines.append(f"| {row['encode']} | {row['mode']} | {row['server_pct']} % | {row['aac_to_opus_pct']} % "
+                     f"| {row['reencoder_pct']} % | {total} % of one core |")
     lines.append(f"\nidle Chorus process: {result['idle_server_pct']} %; machine: {result['machine']}")
     return "\n".join(lines)
 

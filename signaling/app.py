@@ -346,24 +346,26 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[CLUSTER] = build_cluster(settings, app[REGISTRY]) if settings.redis_url else None
     app[INGRESS] = ingress = build_manager(settings, app[REGISTRY], app[CLUSTER], app[WEBHOOKS].emit)
     metrics_.watch_ingress(ingress)
-    app.cleanup_ctx.append(media_plane)
-    app.cleanup_ctx.append(cluster_membership)
-    app.cleanup_ctx.append(webhook_delivery)
-    app.cleanup_ctx.append(loop_health)
-    app.cleanup_ctx.append(app_tasks)
-    app.cleanup_ctx.append(ingest_plane)
-    app.on_shutdown.append(close_websockets)
-    app.router.add_get("/ws", websocket_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
     cluster = app[CLUSTER]
     app[WEBRTC_HTTP] = webrtc_http = WebRtcHttp(
         settings, app[REGISTRY], verify=token_verifier(settings),
         ice_servers=lambda identity: ice_servers_for(settings, identity), cluster=cluster,
         ingress=lambda: ingress, draining=lambda: drain.draining,
         on_error=lambda code: metrics_.errors.labels(code).inc())
+    # Cleanup runs in reverse: ingresses end (WHIP ones through the WHIP sessions) before the WHIP/WHEP
+    # endpoints stop, and both before the rooms close.
+    app.cleanup_ctx.append(media_plane)
+    app.cleanup_ctx.append(cluster_membership)
+    app.cleanup_ctx.append(webhook_delivery)
+    app.cleanup_ctx.append(loop_health)
+    app.cleanup_ctx.append(app_tasks)
     webrtc_http.add_routes(app)
+    app.cleanup_ctx.append(ingest_plane)
+    app.on_shutdown.append(close_websockets)
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     admin = create_admin_app(
         app[REGISTRY], token_verifier(settings), lambda: cluster,
         drain=lambda timeout: (start_drain(app, timeout), drain.describe())[1],

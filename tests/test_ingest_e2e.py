@@ -323,9 +323,12 @@ async def test_whep_in_chromium_and_from_aiortc(env: IngestServer, browser: obje
         frames = await count_frames(player.tracks["video"], 2.0)
         print(f"aiortc WHEP player: {frames / 2:.1f} fps of alice's VP8")
         assert frames >= 10  # decoded in this process, beside Chromium's driver, on a shared 2-core machine
-        status_overview, overview = await env.admin("GET", f"/rooms/{room}")
+        _, overview = await env.admin("GET", f"/rooms/{room}")
         assert len(overview["viewers"]) == 2
         assert await player.stop(env.token(room, "w2")) == 200
+        # the show ends: /watch starts over and plays what is live now (alice, the most recent video)
+        await kill(proc)
+        await wait_until(watch, "window.watch.sessions === 2 && window.watch.state === 'playing'", 15)
     finally:
         await kill(proc)
         await client.close()

@@ -17,18 +17,22 @@ function setStatus(state, text = state) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-// Resolves when the stream is over: every track ended (RTCP BYE) or the connection failed or closed.
+// Resolves when the stream is over: every track ended or silent (RTCP BYE mutes a remote track) for 2 s, or the
+// connection failed, closed, or stayed disconnected for 2 s.
 function over(pc) {
   return new Promise((resolve) => {
-    const check = () => {
+    let since = null;
+    const timer = setInterval(() => {
       const tracks = pc.getReceivers().map((r) => r.track).filter((t) => t);
-      if (['failed', 'closed'].includes(pc.connectionState) || (tracks.length && tracks.every((t) => t.readyState === 'ended'))) {
+      const gone = ['failed', 'closed'].includes(pc.connectionState);
+      const quiet = pc.connectionState === 'disconnected'
+        || (tracks.length > 0 && tracks.every((t) => t.readyState === 'ended' || t.muted));
+      since = quiet ? (since ?? Date.now()) : null;
+      if (gone || (since !== null && Date.now() - since > 2000)) {
         clearInterval(timer);
         resolve();
       }
-    };
-    const timer = setInterval(check, 500);
-    pc.addEventListener('connectionstatechange', check);
+    }, 250);
   });
 }
 
