@@ -185,6 +185,7 @@ class IngressManager:
         self.close_reason = ""
         self.log = PeerLogger(logger)
         self._pulls: dict[str, _Pull] = {}
+        self._closing: asyncio.Future[None] | None = None
         self.tasks = Tasks("ingress manager")
         self.cleanups = Tasks("ingress cleanups")
 

@@ -232,9 +232,10 @@ async def ingest_plane(app: web.Application) -> AsyncIterator[None]:
     ends (reason ``server shutdown``) before the rooms close."""
     manager = app[INGRESS]
     await manager.start()
-    # A draining node takes no new stream and ends the running ones with that reason (see drain.py).
-    app[DRAIN].subscribe(lambda deadline: app[APP_TASKS].spawn(manager.close("the server is draining"),
-                                                               name="ingress drain"))
+    def drained(deadline: float) -> None:  # a draining node takes no new stream; running ones end (drain.py)
+        app[APP_TASKS].spawn(manager.close("the server is draining"), name="ingress drain")
+
+    app[DRAIN].subscribe(drained)
     yield
     await manager.close("server shutdown")
 

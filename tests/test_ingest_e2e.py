@@ -608,3 +608,40 @@ async def test_bad_input_is_refused_or_cleaned_up_while_a_call_goes_on(env: Inge
         for proc in procs:
             await kill(proc)
         await relay.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_draining_node_ends_its_streams_and_takes_no_new_ones(tmp_path: Path) -> None:
+    """POST /api/drain (what SIGTERM does): the running RTMP stream ends with the reason, a new publisher is
+    refused, WHIP answers 503 with Retry-After."""
+    rtmp = free_port()
+    proc = ServerProcess(tmp_path, env={"CHORUS_RTMP_PORT": str(rtmp),
+                                        "CHORUS_INGRESS_STORE": str(tmp_path / "ingresses.json")})
+    node = IngestServer(proc, rtmp, 0)
+    publisher: asyncio.subprocess.Process | None = None
+    # a participant of another room keeps the node draining (not exited) while we look at it
+    keeper = ChorusClient(f"ws://127.0.0.1:{proc.port}/ws", decode=False)
+    try:
+        await keeper.connect()
+        await keeper.join("kept", "keeper")
+        live = await node.create("rtmp", "drained", "obs")
+        spare = await node.create("rtmp", "drained", "spare")
+        publisher = await push(*lavfi_args(30, size="160x120"), *x264_args("-bf", "0", "-profile:v", "baseline"),
+                               "-f", "flv", live["publish_url"])
+        await node.until(live["id"], lambda d: d["state"] == "publishing", 15)
+        status, _ = await node.admin("POST", "/drain", {"timeout": 10})
+        assert status == 202
+        data, took = await node.until(live["id"], lambda d: d["state"] == "idle", 5)
+        assert data["last_end"]["code"] == "stopped" and "draining" in data["last_end"]["reason"]
+        late = await push(*lavfi_args(2, size="160x120"), *x264_args(), "-f", "flv", spare["publish_url"])
+        assert await asyncio.wait_for(late.wait(), 15) != 0
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{node.http_url}/whip/drained", data="v=0\r\n", headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 503 and r.headers["Retry-After"]
+        print(f"draining: the stream ended {took * 1000:.0f} ms after POST /api/drain")
+    finally:
+        if publisher is not None:
+            await kill(publisher)
+        await keeper.close()
+        proc.stop()
+    assert "Traceback" not in proc.log()
