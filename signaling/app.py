@@ -160,12 +160,13 @@ async def index(request: web.Request) -> web.FileResponse:
 
 async def watch_page(request: web.Request) -> web.FileResponse:
     """The WHEP player: ``/watch?room=R`` (``&participant=P``)."""
-    return web.FileResponse(_web_root(request.app[SETTINGS]) / "watch.html")
+    return web.FileResponse(_web_root(request.app[SETTINGS]) / "watch.html", headers={"Referrer-Policy": "no-referrer"})
 
 
 async def broadcast_page(request: web.Request) -> web.FileResponse:
     """A WHIP publisher of the camera: ``/broadcast?room=R&name=N``."""
-    return web.FileResponse(_web_root(request.app[SETTINGS]) / "broadcast.html")
+    return web.FileResponse(_web_root(request.app[SETTINGS]) / "broadcast.html",
+                            headers={"Referrer-Policy": "no-referrer"})
 
 
 def _web_root(settings: Settings) -> Path:

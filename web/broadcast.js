@@ -1,11 +1,12 @@
 // A WHIP publisher: /broadcast?room=R&name=N (or &token=T: a room token with the publish grant, or an ingress
 // stream key) sends the camera and microphone into the room over WHIP. Stop DELETEs the session. Tests use
 // window.broadcast.
-import { WebRtcHttpSession } from './whip-client.js';
+import { WebRtcHttpSession, takeToken } from './whip-client.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const room = params.get('room');
+const token = takeToken(params, `broadcast:${room || ''}`);
 window.broadcast = { pc: null, session: null, state: 'idle', stop: null };
 
 function setStatus(state, text = state) {
@@ -21,7 +22,7 @@ async function start() {
   for (const track of media.getTracks()) pc.addTransceiver(track, { direction: 'sendonly', streams: [media] });
   const query = params.get('name') ? `?name=${encodeURIComponent(params.get('name'))}` : '';
   const session = new WebRtcHttpSession(pc, `/whip/${encodeURIComponent(room)}${query}`,
-    { token: params.get('token') || undefined });
+    { token });
   Object.assign(window.broadcast, { pc, session });
   setStatus('connecting', 'connecting…');
   await session.start();

@@ -1,12 +1,13 @@
 // The WHEP player: /watch?room=R (&participant=P to pick someone, &token=T with a subscribe grant). Plays one
 // video and one audio track of the room; while nothing is live it asks again after Retry-After; when the
 // stream ends it starts over. Tests read window.watch.pc.
-import { HttpSessionError, WebRtcHttpSession } from './whip-client.js';
+import { HttpSessionError, WebRtcHttpSession, takeToken } from './whip-client.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const room = params.get('room');
 const participant = params.get('participant');
+const token = takeToken(params, `watch:${room || ''}`);
 window.watch = { pc: null, state: 'idle', sessions: 0 };
 
 function setStatus(state, text = state) {
@@ -48,7 +49,7 @@ async function play() {
       $('video').srcObject = stream;
       $('video').play().catch(() => {});
     };
-    const session = new WebRtcHttpSession(pc, endpoint, { token: params.get('token') || undefined });
+    const session = new WebRtcHttpSession(pc, endpoint, { token });
     window.watch.pc = pc;
     setStatus('connecting', 'connecting…');
     try {
