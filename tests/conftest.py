@@ -66,7 +66,9 @@ class ServerProcess:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"chorus did not start:\n{self.log()}") from None
+                    log = self.log()
+                    self.kill()  # never leave a half-started server behind
+                    raise RuntimeError(f"chorus did not start:\n{log}") from None
                 time.sleep(0.1)
 
     @property
