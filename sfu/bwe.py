@@ -377,16 +377,28 @@ class AimdRateControl:
             self._last_change = now_us
         elif self.state == DECREASE:
             throughput = throughput_bps if throughput_bps is not None else self.bitrate
+            # An SFU sends whole layers, often well below the estimate (application-limited): then the
+            # acknowledged throughput says little about the link, and one overuse signal must not take the
+            # estimate down to it (Chorus addition: at most a halving per decrease; only a throughput near the
+            # estimate is taken as the link's capacity).
+            limited = throughput < self.APP_LIMITED * self.bitrate
             decreased = beta * throughput
             if decreased > self.bitrate and self.link.estimate_kbps is not None:
                 decreased = beta * self.link.estimate_kbps * 1000
+            decreased = max(decreased, self.MAX_DECREASE * self.bitrate)
             if decreased < self.bitrate:
                 self.bitrate = self._clamp(decreased)
-            if throughput < self.link.lower_bps():
-                self.link.reset()
-            self.link.update(throughput)
+            if not limited:
+                if throughput < self.link.lower_bps():
+                    self.link.reset()
+                self.link.update(throughput)
             self.state = HOLD  # until the queue has drained
             self._last_change = self._last_decrease = now_us
+
+    #: One overuse decrease goes at most this far down (a multiple of the estimate).
+    MAX_DECREASE = 0.5
+    #: Sending less than this share of the estimate is application-limited (see :meth:`update`).
+    APP_LIMITED = 0.5
 
     def _near_max_rate(self) -> float:
         """Additive increase in bps per second: one average packet per response time (RTT + 100 ms), at

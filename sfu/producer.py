@@ -107,7 +107,13 @@ class Producer(Source):
         return self.layers[layer].bitrate
 
     def layer_active(self, layer: int) -> bool:
-        return self.layers[layer].active(time.monotonic())
+        """Whether the layer is being received. A layer silent while others flow has stopped (the publisher
+        paused it, or cannot afford it); all of them silent at once is the publisher or its network stalling,
+        which says nothing about any one layer: those seen before count as live."""
+        now = time.monotonic()
+        if self.layers[layer].active(now):
+            return True
+        return self.layers[layer].ssrc is not None and not any(other.active(now) for other in self.layers)
 
     def layer_height(self, layer: int) -> int:
         return self.layers[layer].height

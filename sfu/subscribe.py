@@ -249,8 +249,10 @@ class SubscribeTransport(Transport):
         candidates = []
         for consumer in adaptive:
             opts = options(consumer.source, consumer.max_height, consumer.viewer_paused or consumer.source.paused)
-            current = next((i for i, o in enumerate(opts)
-                            if o.layer == consumer.layer and o.temporal == consumer.target_temporal), None)
+            # What the last allocation chose (the switch to it may still be waiting for a keyframe).
+            current = None if consumer.reason == "start" and consumer.layer is None else next(
+                (i for i, o in enumerate(opts)
+                 if o.layer == consumer.target_layer and o.temporal == consumer.target_temporal), None)
             candidates.append(Candidate(consumer.id, consumer.priority, opts, current))
         fixed = sum(c.source.layer_bitrate(0) or 64_000 for c in self.consumers.values()
                     if c.kind == "audio" or c not in adaptive)
