@@ -12,7 +12,7 @@ from typing import Any
 from .errors import InvalidStateError
 from .external import ExternalPeer
 from .logs import PeerLogger
-from .mixer import AudioMixer, VideoCompositor
+from .mixer import LAYOUTS, AudioMixer, VideoCompositor
 from .observer import RouterObserver
 from .peer import Peer
 from .producer import Producer
@@ -28,7 +28,7 @@ MODES = ("sfu", "mcu")
 class McuOptions:
     """
     The composite video of an MCU room: ``width`` x ``height`` pixels (even, 64-1920 x 64-1080) at ``fps``
-    frames per second (1-30).
+    frames per second (1-30), laid out as a ``grid`` of equal tiles or with the active ``speaker`` large.
 
     :raises ValueError: a value is out of range.
     """
@@ -36,6 +36,7 @@ class McuOptions:
     width: int = 640
     height: int = 480
     fps: int = 15
+    layout: str = "grid"
 
     def __post_init__(self) -> None:
         for name, low, high in (("width", 64, 1920), ("height", 64, 1080), ("fps", 1, 30)):
@@ -44,6 +45,8 @@ class McuOptions:
                 raise ValueError(f"'{name}' must be an integer from {low} to {high}")
         if self.width % 2 or self.height % 2:
             raise ValueError("'width' and 'height' must be even")
+        if self.layout not in LAYOUTS:
+            raise ValueError("'layout' must be \"grid\" or \"speaker\"")
 
     @classmethod
     def from_dict(cls, data: object) -> McuOptions:
@@ -82,7 +85,8 @@ class McuRouter(Router):
         super().__init__(room_id, observer, log=log)
         self.options = options or McuOptions()
         self._audio = AudioMixer(log=log)
-        self._video = VideoCompositor(self.options.width, self.options.height, self.options.fps, log=log)
+        self._video = VideoCompositor(self.options.width, self.options.height, self.options.fps, log=log,
+                                      layout=self.options.layout)
         self._join_order: dict[str, int] = {}
         self._sequence = itertools.count()
 
@@ -111,6 +115,7 @@ class McuRouter(Router):
         else:
             self._video.add_source(producer, track, (self._join_order[peer.id], next(self._sequence)))
         self._log.info("mcu source added", peer=peer.id, producer=producer.id, kind=producer.kind)
+        self._watch_levels(producer)
         self._observer.source_added(track_info(producer))
 
     def source_closed(self, peer: Peer | ExternalPeer, producer: Source) -> None:
@@ -119,6 +124,11 @@ class McuRouter(Router):
         else:
             self._video.remove_source(producer.id)
         super().source_closed(peer, producer)
+
+    def _speakers_changed(self, peer_ids: list[str]) -> None:
+        if peer_ids:
+            self._video.set_speaker(peer_ids[0])  # kept through silences: the last one who spoke stays large
+        super()._speakers_changed(peer_ids)
 
     async def remove_peer(self, peer_id: str) -> bool:
         """Close and remove a participant: it leaves the mix and the grid. Whether it was here."""
@@ -151,6 +161,7 @@ class McuRouter(Router):
                 "skipped_ticks": video.skipped_ticks,
                 "sources": len(video.sources),
                 "subscribers": video.sink_count,
+                "speaker": video.speaker,
             },
             "audio": {
                 **snapshot(self._audio.stats),

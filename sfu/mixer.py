@@ -404,6 +404,27 @@ def grid(count: int, width: int, height: int) -> list[Rect]:
     return [Rect((i % columns) * tile_w, (i // columns) * tile_h, tile_w, tile_h) for i in range(count)]
 
 
+#: Composite layouts: equal tiles, or the active speaker large above a strip of the others.
+LAYOUTS = ("grid", "speaker")
+
+
+def speaker_layout(count: int, width: int, height: int) -> list[Rect]:
+    """
+    Tiles for ``count`` sources with the first (the active speaker) large: it takes the canvas above a strip a
+    quarter of the height, where the others sit side by side (centred, at most a third of the width each).
+    Sizes and positions are even.
+    """
+    if count <= 1:
+        return grid(count, width, height)
+    strip = height // 4 & ~1
+    others = count - 1
+    tile_w = width // max(others, 3) & ~1
+    left = (width - tile_w * others) // 2 & ~1
+    return [Rect(0, 0, width, height - strip)] + [
+        Rect(left + i * tile_w, height - strip, tile_w, strip) for i in range(others)
+    ]
+
+
 def fit(src_width: int, src_height: int, box_width: int, box_height: int) -> tuple[int, int]:
     """The largest even size with the source's aspect ratio that fits in the box (letterboxed)."""
     scale = min(box_width / src_width, box_height / src_height)
@@ -482,7 +503,8 @@ class VideoCompositor(MixedStream):
     The video of an MCU room: one grid composite of every published video, encoded once per tick and sent,
     packet for packet, to every subscriber.
 
-    Each tick (``fps`` per second) takes the latest frame of each source, in join order; a tile is
+    Each tick (``fps`` per second) takes the latest frame of each source, in join order (in the ``speaker``
+    layout the active speaker's first, shown large, see :func:`speaker_layout`); a tile is
     rescaled only when its source has a new frame or the layout changed, and an unchanged composite is not
     re-encoded (but is re-sent at least every :data:`IDLE_REFRESH` s). A keyframe request from any
     subscriber makes a following composite a keyframe (at most one per :data:`KEYFRAME_INTERVAL`).
@@ -490,11 +512,14 @@ class VideoCompositor(MixedStream):
     Lifecycle: *idle* → :meth:`start` (the frame clock runs) → :meth:`close`.
     """
 
-    def __init__(self, width: int, height: int, fps: int, *, log: PeerLogger) -> None:
+    def __init__(self, width: int, height: int, fps: int, *, log: PeerLogger, layout: str = "grid") -> None:
         super().__init__("mcu-video", "video", VP8)
         self.width = width
         self.height = height
         self.fps = fps
+        self.layout = layout
+        #: The peer shown large in the ``speaker`` layout (the last active speaker).
+        self.speaker: str | None = None
         self._readers: SourceReaders[VideoSource] = SourceReaders("video")
         self.sources = self._readers.sources
         self.ticks = 0
@@ -520,6 +545,10 @@ class VideoCompositor(MixedStream):
     def request_keyframe(self, layer: int | None = None) -> None:
         self._keyframe_wanted = True
 
+    def set_speaker(self, peer_id: str | None) -> None:
+        """Show ``peer_id``'s video large (``speaker`` layout; from the next composite)."""
+        self.speaker = peer_id
+
     def start(self) -> None:
         if not len(self._tasks) and not self._tasks.closed:
             self._start = asyncio.get_running_loop().time()
@@ -541,6 +570,8 @@ class VideoCompositor(MixedStream):
             return
         now = asyncio.get_running_loop().time()
         sources = sorted(self.sources.values(), key=lambda s: s.order)
+        if self.layout == "speaker" and self.speaker is not None:
+            sources.sort(key=lambda s: s.producer.peer_id != self.speaker)  # stable: the speaker's first
         tiles = [(s.producer.id, None if s.producer.paused else s.latest, s.generation) for s in sources]
         signature = tuple((i, g if f is not None else -1) for i, f, g in tiles)
         force = self._keyframe_wanted and now - self._last_keyframe >= KEYFRAME_INTERVAL
@@ -566,7 +597,8 @@ class VideoCompositor(MixedStream):
         """The grid picture of ``tiles`` (id, latest frame or None for a black tile, generation)."""
         canvas = self._canvas
         canvas.clear()
-        for rect, (source_id, frame, generation) in zip(grid(len(tiles), self.width, self.height), tiles, strict=True):
+        rects = (speaker_layout if self.layout == "speaker" else grid)(len(tiles), self.width, self.height)
+        for rect, (source_id, frame, generation) in zip(rects, tiles, strict=True):
             if frame is None:
                 continue
             size = fit(frame.width, frame.height, rect.width, rect.height)

@@ -22,6 +22,8 @@ class TrackInfo:
     #: MIME type, e.g. ``video/VP8``.
     codec: str
     muted: bool
+    #: The publish m-section it arrived on (what the client labels its tracks by).
+    mid: str | None = None
 
     def public(self) -> dict[str, Any]:
         """What participants are told (``track_published``): id, kind, muted."""
@@ -71,3 +73,6 @@ class RouterObserver(Protocol):
     def viewer_closed(self, viewer_id: str, reason: str) -> None:
         """A viewer (WHEP player) ended: its connection failed or closed, or what it watched ended. The router has
         already closed and forgotten it."""
+
+    def active_speakers(self, peer_ids: list[str]) -> None:
+        """Who speaks changed: the participants speaking now, loudest first (at most four times a second)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,8 @@ class Producer(Source):
         self._payload_type: int = codecs[0].payloadType or 0
         self.mid: str | None = transceiver.mid
         self.stats = ProducerStats()
+        #: Told the RFC 6464 level (0-127, -dBov) of each audio packet while not paused (active speakers).
+        self.on_audio_level: Callable[[int], None] | None = None
         self.receiver = transceiver.receiver
         rate = self.codec.clockRate
         self.layers = [LayerReceiver(i, rid, rate) for i, rid in enumerate(rids)] if rids else [
@@ -250,6 +253,8 @@ class Producer(Source):
             self.request_keyframe(layer.index)  # the first packets of a stream: its viewers need a start
         self.stats.packets += 1
         self.stats.bytes += len(packet.payload)
+        if self.on_audio_level is not None and packet.extensions.audio_level is not None and not self.paused:
+            self.on_audio_level(packet.extensions.audio_level[1])
         await self.forward(packet, keyframe, layer.index, descriptor)
 
     # --- control ---------------------------------------------------------------------------------------

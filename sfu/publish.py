@@ -99,9 +99,10 @@ class PublishTransport(Transport):
             raise InvalidStateError("peer is closed")
         offer_sdp = strip_mdns_candidates(offer_sdp)
         media = parse_sdp(offer_sdp).media
-        tracks = sum(1 for m in media if m.kind in ("audio", "video"))
-        if not tracks:
+        if not any(m.kind in ("audio", "video") for m in media):
             raise InvalidSdpError("the offer has no audio or video m-section to publish")
+        # m-sections the client stopped sending on (inactive, or rejected with port 0) are not tracks.
+        tracks = sum(1 for m in media if m.kind in ("audio", "video") and m.port and m.direction != "inactive")
         if tracks > max_tracks:
             raise LimitError(f"at most {max_tracks} tracks may be published, the offer has {tracks}")
         offered = {m.mid: m for m in parse_offer(offer_sdp) if m.mid is not None}
@@ -141,7 +142,8 @@ class PublishTransport(Transport):
                 await self._reset_if_unusable(pc, force=True)
                 raise InvalidSdpError(f"cannot answer offer: {type(exc).__name__}: {exc}") from exc
 
-            producers = [self._add_producer(t, offered.get(t.mid or "")) for t in new
+            revived = self._retire_stopped(pc, known)
+            producers = [self._add_producer(t, offered.get(t.mid or "")) for t in new + revived
                          if t.currentDirection in ("recvonly", "sendrecv")]
             if producers:
                 self._hook(producers[0].receiver.transport)
@@ -150,6 +152,28 @@ class PublishTransport(Transport):
             for producer in producers:
                 self._on_source_added(producer)
             return answer_sdp, producers
+
+    def _retire_stopped(self, pc: RTCPeerConnection, known: set[RTCRtpTransceiver]) -> list[RTCRtpTransceiver]:
+        """
+        After a renegotiation: a track whose m-section the client made inactive (it stopped sending it, e.g. a
+        screen share that ended) ends now; returns the known m-sections without a track that send again (the
+        client reuses its m-sections for a new track, e.g. the next screen share).
+        """
+        by_mid = {p.mid: p for p in self.producers.values()}
+        revived = []
+        for transceiver in pc.getTransceivers():
+            receiving = transceiver.currentDirection in ("recvonly", "sendrecv")
+            producer = by_mid.get(transceiver.mid)
+            if producer is not None and not receiving:
+                del self.producers[producer.id]
+                self._by_mid.pop(producer.mid or "", None)
+                for ssrc in [ssrc for ssrc, route in self._routes.items() if route.producer is producer]:
+                    del self._routes[ssrc]
+                producer.close()
+                self._on_source_closed(producer)
+            elif producer is None and receiving and transceiver in known:
+                revived.append(transceiver)
+        return revived
 
     def _accept_extensions(self, transceiver: RTCRtpTransceiver, offered: OfferedMedia | None) -> None:
         """Negotiate, beyond aiortc's own, simulcast's header extensions and transport-wide congestion control."""

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import stats
+from . import speakers, stats
 from .errors import InvalidStateError, NotFoundError
 from .external import ExternalPeer
 from .logs import PeerLogger
 from .observer import RouterObserver, SubscribeOffer, TrackInfo
 from .peer import Peer
 from .producer import Producer
+from .quality import PeerQuality, QualityTracker, link_sample
 from .source import Source
+from .speakers import SpeakerDetector
 from .tasks import Tasks
 from .viewer import Viewer
 
@@ -39,7 +42,8 @@ class RouterCounts:
 
 
 def track_info(source: Source) -> TrackInfo:
-    return TrackInfo(source.id, source.peer_id, source.kind, source.codec.mimeType, source.paused)
+    mid = source.mid if isinstance(source, Producer) else None
+    return TrackInfo(source.id, source.peer_id, source.kind, source.codec.mimeType, source.paused, mid)
 
 
 class Router:
@@ -53,6 +57,10 @@ class Router:
     Participants are WebRTC :class:`~.peer.Peer` objects or :class:`~.external.ExternalPeer` objects (an
     ingested stream: sources fed from inside the process, consumed like anyone's producers, receiving nothing).
     :class:`~.viewer.Viewer` objects (WHEP players) watch chosen sources and are not participants.
+
+    Who speaks is worked out from the audio levels its audio producers receive (:mod:`.speakers`) and told with
+    ``active_speakers`` when it changes, at most four times a second. :meth:`connection_quality` samples each
+    WebRTC peer's connections (:mod:`.quality`).
 
     Lifecycle: *open* → *closed*; :meth:`close` closes every peer and viewer (and so every producer and
     consumer).
@@ -70,6 +78,10 @@ class Router:
         self._publish_sequence = 0
         self._observer = observer
         self._log = log
+        self._speakers = SpeakerDetector()
+        self._speaking: list[str] = []
+        self._speaker_task: asyncio.Task[None] | None = None
+        self._quality = QualityTracker()
         self._tasks = Tasks(f"router {room_id}")
 
     def __repr__(self) -> str:
@@ -176,6 +188,7 @@ class Router:
         if peer is None:
             return False
         await peer.close()
+        self._quality.forget(peer_id)
         return True
 
     def set_muted(self, track_id: str, muted: bool) -> TrackInfo:
@@ -239,11 +252,27 @@ class Router:
             [c for holder in [*self._peers.values(), *self._viewers.values()] for c in holder.consumers.values()],
         )
 
+    def active_speakers(self) -> list[str]:
+        """The peers speaking now, loudest first."""
+        return list(self._speaking)
+
+    async def connection_quality(self) -> list[PeerQuality]:
+        """Each peer's connection quality since the previous call: loss both ways and round-trip time, as seen
+        from here (see :mod:`.quality`). Call it every :data:`.quality.INTERVAL` seconds."""
+        out = []
+        for peer in [p for p in self._peers.values() if isinstance(p, Peer)]:
+            sample = link_sample(await peer.publisher.rtp_stats() + await peer.subscriber.rtp_stats())
+            if peer.id in self._peers:  # it may have left meanwhile
+                out.append(self._quality.update(peer.id, sample))
+        return out
+
     async def close(self) -> None:
         """Close every peer and viewer. Idempotent."""
         if self.closed:
             return
         self.closed = True
+        if self._speaker_task is not None:
+            self._speaker_task.cancel()  # it never ends by itself (the wait below is for viewers)
         for peer_id in list(self._peers):
             await self.remove_peer(peer_id)
         for viewer_id in list(self._viewers):
@@ -269,14 +298,39 @@ class Router:
         for other in self._peers.values():
             if other is not peer and not other.closed and isinstance(other, Peer) and other.subscribe:
                 other.consume(producer)
+        self._watch_levels(producer)
         self._observer.source_added(track_info(producer))
 
     def source_closed(self, peer: Peer | ExternalPeer, producer: Source) -> None:
         self._published.pop(producer.id, None)
+        self._speakers.forget(producer.id)
         self._observer.source_removed(track_info(producer))
 
     def layers_wanted(self, peer: Peer, producer: Producer, rids: list[str]) -> None:
         self._observer.layers_wanted(track_info(producer), rids)
+
+    # --- active speakers -------------------------------------------------------------------------------------
+
+    def _watch_levels(self, producer: Source) -> None:
+        """Feed an audio producer's levels to the speaker detector; start asking it when the first one comes.
+        (Ingested streams carry no levels.)"""
+        if not isinstance(producer, Producer) or producer.kind != "audio" or self.closed:
+            return
+        detector, source_id, peer_id = self._speakers, producer.id, producer.peer_id
+        producer.on_audio_level = lambda level: detector.observe(source_id, peer_id, level, time.monotonic())
+        if self._speaker_task is None and not self._tasks.closed:
+            self._speaker_task = self._tasks.spawn(self._watch_speakers(), name=f"active speakers of {self.id}")
+
+    async def _watch_speakers(self) -> None:
+        while True:
+            await asyncio.sleep(speakers.INTERVAL)
+            now = self._speakers.speakers(time.monotonic())
+            if now != self._speaking:
+                self._speaking = now
+                self._speakers_changed(now)
+
+    def _speakers_changed(self, peer_ids: list[str]) -> None:
+        self._observer.active_speakers(list(peer_ids))
 
     def send_offer(self, peer: Peer, offer: SubscribeOffer) -> None:
         self._observer.send_offer(peer.id, offer)

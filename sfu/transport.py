@@ -99,6 +99,26 @@ class Transport:
         except Exception as exc:
             raise InvalidSdpError(f"bad ICE candidate: {type(exc).__name__}: {exc}") from exc
 
+    async def rtp_stats(self, *, max_senders: int = 4) -> list[Any]:
+        """
+        aiortc's statistics (its public ``getStats``) of every receiver of this connection and of its first
+        ``max_senders`` sending transceivers — bounded, since a subscribe connection may carry hundreds of tracks
+        that all cross the same network path. Empty while not connected.
+        """
+        pc = self._pc
+        if pc is None or pc.connectionState != "connected":
+            return []
+        stats: list[Any] = []
+        senders = 0
+        for transceiver in pc.getTransceivers():
+            direction = transceiver.currentDirection
+            if direction in ("recvonly", "sendrecv"):
+                stats += (await transceiver.receiver.getStats()).values()
+            if direction in ("sendonly", "sendrecv") and senders < max_senders:
+                senders += 1
+                stats += (await transceiver.sender.getStats()).values()
+        return stats
+
     async def close(self) -> None:
         """Close the connection and everything on it, and wait for background work to end. Idempotent."""
         if self.closed:
