@@ -12,11 +12,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from chorus.sfu import ChorusError
+from chorus.sfu import MODES, ChorusError, McuOptions
 
 from . import resources
 from .auth import Verify, forbidden
-from .cluster import Cluster
+from .chat import check_text
+from .cluster import Cluster, http_base
+from .config import Settings
+from .protocol import ROOM_RE, ProtocolError, bad_request, get_metadata, get_optional_str
 from .room import RoomRegistry
 
 ADMIN_REGISTRY = web.AppKey("admin_registry", RoomRegistry)
@@ -27,8 +30,10 @@ ADMIN_DRAIN: web.AppKey[Callable[[float | None], dict[str, Any]]] = web.AppKey("
 
 #: The longest block the test-only hook accepts (seconds).
 MAX_BLOCK = 10.0
+ADMIN_SETTINGS = web.AppKey("admin_settings", Settings)
 
-STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404}
+STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404, "invalid_state": 409,
+          "limit_exceeded": 429, "unavailable": 503}
 
 
 def error(code: str, reason: str) -> web.Response:
@@ -85,6 +90,99 @@ async def admin_auth(request: web.Request, handler: Callable[[web.Request], Awai
         return error(exc.code, exc.reason)
 
 
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object.
+
+    :raises ProtocolError: ``bad_request``: not JSON, or not an object."""
+    try:
+        body: Any = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    return body
+
+
+def optional_int(body: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not low <= value <= high:
+        raise bad_request(f"'{key}' must be an integer from {low} to {high}")
+    return value
+
+
+async def create_room(request: web.Request) -> web.StreamResponse:
+    """
+    Create a room ahead of time with its mode and limits (201, the room); an existing room in the same mode is
+    answered as it is (200), in another mode with 409 ``invalid_state``.
+    """
+    body = await json_body(request)
+    registry = request.app[ADMIN_REGISTRY]
+    settings = request.app[ADMIN_SETTINGS]
+    room_id = get_optional_str(body, "name", max_len=64)
+    if room_id is None or not ROOM_RE.match(room_id):
+        raise bad_request("'name' must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    mode = body.get("mode", "sfu")
+    if mode not in MODES:
+        raise bad_request("'mode' must be \"sfu\" or \"mcu\"")
+    try:
+        mcu = McuOptions.from_dict(body["mcu"]) if body.get("mcu") is not None else None
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    max_participants = optional_int(body, "max_participants", 1, settings.max_peers_per_room)
+    max_tracks = optional_int(body, "max_tracks_per_peer", 1, settings.max_tracks_per_peer)
+    metadata = get_metadata(body, "metadata", max_bytes=settings.max_metadata_bytes) if "metadata" in body else None
+    timeout = body.get("empty_timeout", settings.room_empty_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout <= 86400:
+        raise bad_request("'empty_timeout' must be a number of seconds from 0 to 86400")
+
+    cluster = request.app[ADMIN_CLUSTER]()
+    if cluster is not None:
+        url = await cluster.place(room_id, hosted_here=room_id in registry.rooms)
+        if url is not None:
+            return await forward(request, http_base(url))  # the node that hosts (or now will host) it
+    existing = registry.rooms.get(room_id)
+    if existing is not None:
+        if existing.mode != mode:
+            raise ProtocolError("invalid_state", f"room {room_id} exists in {existing.mode} mode")
+        return web.json_response(existing.describe())
+    room = registry.create(room_id, mode=mode, mcu=mcu, max_participants=max_participants,
+                           max_tracks_per_peer=max_tracks, metadata=metadata, empty_timeout=float(timeout))
+    return web.json_response(room.describe(), status=201)
+
+
+async def set_room_metadata(request: web.Request) -> web.Response:
+    """Replace a room's metadata; every participant gets ``metadata {room}``."""
+    room = request.app[ADMIN_REGISTRY].get(request.match_info["room"])
+    body = await json_body(request)
+    room.set_metadata(get_metadata(body, "metadata", max_bytes=request.app[ADMIN_SETTINGS].max_metadata_bytes))
+    return web.json_response({"room": room.id, "metadata": room.metadata})
+
+
+async def set_participant_metadata(request: web.Request) -> web.Response:
+    """Replace a participant's metadata; every participant gets ``metadata {peer_id, metadata}``."""
+    room = request.app[ADMIN_REGISTRY].get(request.match_info["room"])
+    body = await json_body(request)
+    metadata = get_metadata(body, "metadata", max_bytes=request.app[ADMIN_SETTINGS].max_metadata_bytes)
+    peer_id = request.match_info["participant"]
+    room.set_peer_metadata(peer_id, metadata)
+    return web.json_response({"peer_id": peer_id, "metadata": metadata})
+
+
+async def send_chat(request: web.Request) -> web.Response:
+    """A chat message from the server (``from: null``) to the room, or to one participant with ``to``."""
+    room = request.app[ADMIN_REGISTRY].get(request.match_info["room"])
+    body = await json_body(request)
+    try:
+        text = check_text(body.get("text"), request.app[ADMIN_SETTINGS].chat_max_bytes)
+    except TypeError as exc:
+        raise bad_request(str(exc)) from None
+    except OverflowError as exc:
+        raise ProtocolError("limit_exceeded", str(exc)) from None
+    return web.json_response({"message": room.send_chat(None, text, get_optional_str(body, "to", max_len=64))})
+
+
 async def list_rooms(request: web.Request) -> web.Response:
     """Every room of the cluster (``?scope=local``: only this node's), each with the node hosting it."""
     cluster = request.app[ADMIN_CLUSTER]()
@@ -132,11 +230,8 @@ async def kick(request: web.Request) -> web.Response:
 
 async def mute_track(request: web.Request) -> web.Response:
     room = request.app[ADMIN_REGISTRY].get(request.match_info["room"])
-    try:
-        body: Any = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        return error("bad_request", "the body must be JSON")
-    if not isinstance(body, dict) or not isinstance(body.get("muted"), bool):
+    body = await json_body(request)
+    if not isinstance(body.get("muted"), bool):
         return error("bad_request", "the body must be {\"muted\": true|false}")
     return web.json_response(room.set_muted(request.match_info["track"], body["muted"]))
 
@@ -181,7 +276,7 @@ def _no_drain(timeout: float | None) -> dict[str, Any]:
 def create_admin_app(registry: RoomRegistry, verify: Verify,
                      cluster: Callable[[], Cluster | None] = lambda: None, *,
                      drain: Callable[[float | None], dict[str, Any]] = _no_drain,
-                     debug_hooks: bool = False) -> web.Application:
+                     debug_hooks: bool = False, settings: Settings | None = None) -> web.Application:
     """The admin API as a sub-application, mounted at ``/api``."""
     app = web.Application(middlewares=[admin_auth, cluster_routing])
     app[ADMIN_REGISTRY] = registry
@@ -191,7 +286,12 @@ def create_admin_app(registry: RoomRegistry, verify: Verify,
     app.router.add_post("/drain", drain_node)
     if debug_hooks:
         app.router.add_post("/debug/block", block_loop)
+    app[ADMIN_SETTINGS] = settings or Settings()
     app.router.add_get("/rooms", list_rooms)
+    app.router.add_post("/rooms", create_room)
+    app.router.add_post("/rooms/{room}/metadata", set_room_metadata)
+    app.router.add_post("/rooms/{room}/participants/{participant}/metadata", set_participant_metadata)
+    app.router.add_post("/rooms/{room}/chat", send_chat)
     app.router.add_get("/nodes", list_nodes)
     app.router.add_get("/rooms/{room}", get_room)
     app.router.add_delete("/rooms/{room}", close_room)

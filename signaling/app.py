@@ -93,7 +93,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         response.force_close()
         return response  # type: ignore[return-value]
     try:
-        ws = web.WebSocketResponse(heartbeat=15.0, max_msg_size=settings.max_message_bytes)
+        # Messages up to max_frame_bytes are read; those over max_message_bytes get limit_exceeded (see Session).
+        ws = web.WebSocketResponse(heartbeat=15.0,
+                                   max_msg_size=max(settings.max_frame_bytes, settings.max_message_bytes))
         await ws.prepare(request)
         app[WEBSOCKETS].add(ws)
         app[METRICS].sessions.inc()
@@ -340,6 +342,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
         emit=app[WEBHOOKS].emit, max_rooms=settings.max_rooms, max_peers_per_room=settings.max_peers_per_room,
         mcu_defaults=McuOptions(settings.mcu_width - settings.mcu_width % 2,
                                 settings.mcu_height - settings.mcu_height % 2, settings.mcu_fps),
+        chat={"chat_history": settings.chat_history, "chat_rate": settings.chat_rate_per_peer,
+              "chat_burst": settings.chat_burst_per_peer},
     )
     app[JOIN_LIMITER] = RateLimiter(settings.join_rate_per_ip, settings.join_burst_per_ip)
     metrics_.watch(app[REGISTRY])
@@ -371,7 +375,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     admin = create_admin_app(
         app[REGISTRY], token_verifier(settings), lambda: cluster,
         drain=lambda timeout: (start_drain(app, timeout), drain.describe())[1],
-        debug_hooks=settings.debug_hooks,
+        debug_hooks=settings.debug_hooks, settings=settings,
     )
     add_admin_routes(admin, lambda: ingress)
     app.add_subapp("/api", admin)

@@ -1,8 +1,9 @@
 """
 Room tokens: HS256 JWTs whose claims grant one identity access to one room.
 
-Claims: ``room``, ``sub`` (identity), ``name`` (optional display name), ``can_publish``, ``can_subscribe``,
-``admin``, ``exp``, ``nbf``, ``iat``. Only HS256 is accepted (``alg: none`` and every other algorithm are
+Claims: ``room``, ``sub`` (identity), ``name`` (optional display name), ``metadata`` (optional JSON object: the
+participant's metadata, shown to the room), ``can_publish``, ``can_subscribe``, ``admin``, ``exp``, ``nbf``,
+``iat``. Only HS256 is accepted (``alg: none`` and every other algorithm are
 rejected), ``exp`` is required, and the secret must be at least 32 bytes.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -48,6 +49,7 @@ class Grants:
     can_publish: bool = True
     can_subscribe: bool = True
     admin: bool = False
+    metadata: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def check_room(self, room: str) -> None:
         if self.room != room and self.room != "*":
@@ -78,6 +80,7 @@ def create_token(
     admin: bool = False,
     not_before: float | None = None,
     now: float | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> str:
     """Sign a token. ``room=None`` with ``admin=True`` makes an admin-API-only token; ``room="*"`` any room."""
     check_secret(secret)
@@ -94,6 +97,8 @@ def create_token(
     }
     if name is not None:
         claims["name"] = name
+    if metadata is not None:
+        claims["metadata"] = metadata
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -128,4 +133,8 @@ def verify_token(secret: str, token: object) -> Grants:
     if not all(isinstance(v, bool) for v in flags.values()):
         raise unauthorized("the token's grants must be booleans")
     name = claims.get("name")
-    return Grants(identity=identity, room=room, name=name if isinstance(name, str) else None, **flags)
+    metadata = claims.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise unauthorized("the token's metadata must be a JSON object")
+    return Grants(identity=identity, room=room, name=name if isinstance(name, str) else None, metadata=metadata,
+                  **flags)

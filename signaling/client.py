@@ -12,6 +12,10 @@ Example::
     def on_track(track, info):  # info: {"peer_id", "track_id", "kind", "mid"}
         ...
 
+    client.on_chat(lambda message: print(message["name"], message["text"]))
+    await client.send_chat("hello")          # to the room; to="p-…" for one participant
+    print(client.active_speakers)            # peer ids speaking now, loudest first
+
     await client.close()
 
 Requests return the response ``data`` or raise :class:`RequestError` with the server's error ``code``.
@@ -53,6 +57,7 @@ from chorus.sfu.tasks import Tasks
 logger = logging.getLogger("chorus.client")
 
 TrackCallback = Callable[[MediaStreamTrack, dict[str, Any]], Any]
+EventCallback = Callable[[dict[str, Any]], Any]
 
 
 #: ``left`` reasons after which the client does not rejoin by itself.
@@ -167,6 +172,13 @@ class ChorusClient:
         self._offer_task: asyncio.Task[None] | None = None
         self._consumers: dict[str, dict[str, Any]] = {}  # mid -> consumer info
         self._track_callbacks: list[TrackCallback] = []
+        #: Chat messages seen in this room, oldest first: the join response's history, then each ``chat``
+        #: notification and each message we sent (``{id, from, name, to, text, ts}``).
+        self.chat: list[dict[str, Any]] = []
+        #: The peers speaking now, loudest first (``active_speakers`` notifications).
+        self.active_speakers: list[str] = []
+        self._chat_callbacks: list[EventCallback] = []
+        self._speaker_callbacks: list[Callable[[list[str]], Any]] = []
         self._event_waiters: list[tuple[str, Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]] = []
 
     # --- connection ------------------------------------------------------------------------------------
@@ -325,6 +337,12 @@ class ChorusClient:
         elif method == "draining" and data.get("url"):
             self.url = str(data["url"])
             self._failed("server draining", immediate=True)
+        elif method == "chat":
+            self._chat_arrived(data)
+        elif method == "active_speakers":
+            self.active_speakers = list(data.get("peers", []))
+            for speakers_callback in self._speaker_callbacks:
+                speakers_callback(self.active_speakers)
         for waiter in list(self._event_waiters):
             name, predicate, future = waiter
             if name == method and not future.done() and predicate(data):
@@ -412,6 +430,11 @@ class ChorusClient:
             raise RequestError("redirect", f"more than {self.MAX_REDIRECTS} redirects")
         self.nodes = list(self.joined.get("nodes", []))
         self.peer_id = self.joined["peer_id"]
+        known = {m["id"] for m in self.chat}
+        for message in self.joined.get("chat", []):
+            if message["id"] not in known:  # a rejoin gives the history again
+                self.chat.append(message)
+        self.active_speakers = list(self.joined.get("active_speakers", []))
         self.room = room
         self._ice_servers = self.joined.get("ice_servers", [])
         self._offer_task = self._tasks.spawn(self._answer_offers(), name="chorus client offers")
@@ -446,6 +469,37 @@ class ChorusClient:
         for track in answer["tracks"]:
             self.tracks[track["id"]] = track
         return list(answer["tracks"])
+
+    # --- chat and active speakers -------------------------------------------------------------------------
+
+    async def send_chat(self, text: str, to: str | None = None) -> dict[str, Any]:
+        """
+        Send a chat message to the room, or to the participant ``to`` (a peer id); returns it as delivered
+        (``{id, from, name, to, text, ts}``). Plain text, at most 4 kB.
+
+        :raises RequestError: ``limit_exceeded`` (too long, or too many too fast), ``not_found`` (no such ``to``).
+        """
+        data: dict[str, Any] = {"text": text}
+        if to is not None:
+            data["to"] = to
+        message: dict[str, Any] = (await self.request("chat", data))["message"]
+        self.chat.append(message)
+        return message
+
+    def on_chat(self, callback: EventCallback) -> EventCallback:
+        """Register ``callback(message)`` for every chat message others send (usable as a decorator)."""
+        self._chat_callbacks.append(callback)
+        return callback
+
+    def on_active_speakers(self, callback: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+        """Register ``callback(peer_ids)`` for each change of who speaks, loudest first."""
+        self._speaker_callbacks.append(callback)
+        return callback
+
+    def _chat_arrived(self, message: dict[str, Any]) -> None:
+        self.chat.append(message)
+        for callback in self._chat_callbacks:
+            callback(message)
 
     async def set_muted(self, track_id: str, muted: bool) -> None:
         await self.request("mute", {"track_id": track_id, "muted": muted})

@@ -178,10 +178,24 @@ class Settings(BaseSettings):
     reencode_bitrate: int = Field(1_500_000, ge=100_000, description="Bit rate of re-encoded ingest video.")
     reencode_preset: str = Field("veryfast", description="libx264 preset of re-encoded ingest video.")
     whep_max_viewers: int = Field(100, ge=0, description="WHEP viewers this node serves at once.")
+    # --- chat, metadata, rooms made ahead of time ---------------------------------------------------------
+    chat_max_bytes: int = Field(4096, ge=1, le=65536, description="Longest chat message text (UTF-8 bytes).")
+    chat_history: int = Field(100, ge=0, le=10000, description="Chat messages kept per room for late joiners.")
+    chat_rate_per_peer: float = Field(5.0, gt=0, description="Chat messages per second allowed per participant "
+                                      "(sustained); more get limit_exceeded.")
+    chat_burst_per_peer: int = Field(20, ge=1, description="Chat messages one participant may send in a burst.")
+    max_metadata_bytes: int = Field(4096, ge=64, le=65536,
+                                    description="Largest room or participant metadata (its JSON, in bytes).")
+    room_empty_timeout: float = Field(300.0, ge=0, le=86400,
+                                      description="Seconds a room created through the admin API stays open "
+                                      "with nobody in it (before the first join and after the last leave).")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
-    max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest websocket message accepted.")
+    max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest websocket message handled; a "
+                                   "bigger one (up to max_frame_bytes) is answered with limit_exceeded.")
+    max_frame_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest websocket message read at all "
+                                 "(at least max_message_bytes); a bigger one closes the socket with code 1009.")
     web_root: Path | None = Field(None, description="Folder served at /; the bundled page by default.")
 
     @model_validator(mode="after")

@@ -70,6 +70,15 @@ def parse_request(text: str | bytes) -> Request:
     return Request(request_id, method, data)
 
 
+_ID_RE = re.compile(r'"id"\s*:\s*(\d{1,16})\b')
+
+
+def peek_id(text: str) -> int | None:
+    """The request id of a message too big to parse, if it can be read from its first 256 characters."""
+    match = _ID_RE.search(text[:256])
+    return int(match.group(1)) if match and int(match.group(1)) <= MAX_ID else None
+
+
 def response(request_id: int | None, data: dict[str, Any]) -> str:
     return json.dumps({"type": "res", "id": request_id, "ok": True, "data": data})
 
@@ -107,6 +116,18 @@ def get_bool(data: dict[str, Any], key: str) -> bool:
     value = data.get(key)
     if not isinstance(value, bool):
         raise bad_request(f"'{key}' must be true or false")
+    return value
+
+
+def get_metadata(data: dict[str, Any], key: str, *, max_bytes: int) -> dict[str, Any]:
+    """A metadata value: a JSON object whose JSON text is at most ``max_bytes`` long.
+
+    :raises ProtocolError: ``bad_request`` (not an object) or ``limit_exceeded`` (too big)."""
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise bad_request(f"'{key}' must be a JSON object")
+    if len(json.dumps(value).encode()) > max_bytes:
+        raise ProtocolError("limit_exceeded", f"'{key}' is larger than {max_bytes} bytes of JSON")
     return value
 
 

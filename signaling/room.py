@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -18,11 +19,22 @@ from chorus.sfu import (
     SubscribeOffer,
     TrackInfo,
     Viewer,
+    quality,
 )
 from chorus.sfu.logs import PeerLogger
 from chorus.sfu.tasks import Tasks
 
+from .chat import ChatLog
+from .limits import RateLimiter
+
 logger = logging.getLogger("chorus.room")
+
+#: What a published track is, as its publisher says (``publish.sources``); the default is by kind.
+TRACK_SOURCES = ("camera", "microphone", "screen", "screen_audio")
+
+
+def default_source(kind: str) -> str:
+    return "microphone" if kind == "audio" else "camera"
 
 #: ``emit(event, data)``: room-level events for webhooks (room_started, room_finished, participant_joined,
 #: participant_left, track_published).
@@ -44,15 +56,27 @@ class Room:
     One room: a Router plus the signaling session (:class:`Member`) of each of its peers.
 
     It is the router's :class:`~chorus.sfu.RouterObserver`: media-plane events become notifications to the
-    participants. When the last peer leaves, the room closes and ``on_empty`` removes it from the registry.
+    participants. It also holds what only signaling knows: display names, what each track is (camera, screen…),
+    room and participant metadata, and the chat (:class:`~.chat.ChatLog`). While anyone is in it, it tells
+    everyone each participant's connection quality every :data:`chorus.sfu.quality.INTERVAL` seconds.
+
+    Lifecycle: *open* → *closed*. A room created by a join closes when its last peer leaves; one created ahead
+    of time (``empty_timeout`` set, the admin API) stays open that many seconds with nobody in it. ``on_empty``
+    removes it from the registry.
     """
 
     def __init__(self, room_id: str, on_empty: Callable[[Room], None], emit: Emit, *, max_peers: int = 100,
-                 mode: str = "sfu", mcu: McuOptions | None = None) -> None:
+                 mode: str = "sfu", mcu: McuOptions | None = None, metadata: dict[str, Any] | None = None,
+                 empty_timeout: float | None = None, max_tracks_per_peer: int | None = None,
+                 chat_history: int = 100, chat_rate: float = 5.0, chat_burst: int = 20) -> None:
         self.id = room_id
         #: ``sfu`` (forward every track) or ``mcu`` (mix on the server); fixed for the room's lifetime.
         self.mode = mode
         self.max_peers = max_peers
+        #: Tracks one participant may publish here (``None``: the server's setting).
+        self.max_tracks_per_peer = max_tracks_per_peer
+        #: Seconds the room stays open while empty; ``None``: it closes when the last peer leaves.
+        self.empty_timeout = empty_timeout
         #: identity → peer id, for identities that were stated (token or join)
         self.identities: dict[str, str] = {}
         self.log = PeerLogger(logger, room=room_id)
@@ -67,10 +91,21 @@ class Room:
         self.viewers: dict[str, Member] = {}
         #: peer id → display name
         self.names: dict[str, str] = {}
+        #: The room's metadata (a JSON object, set through the admin API).
+        self.metadata: dict[str, Any] = metadata or {}
+        #: peer id → its metadata (from its token, or the admin API).
+        self.peer_metadata: dict[str, dict[str, Any]] = {}
+        self.chat = ChatLog(chat_history)
         self.closed = False
+        self._chat_limiter = RateLimiter(chat_rate, chat_burst)
+        self._peer_identity: dict[str, str] = {}
+        self._labels: dict[tuple[str, str], str] = {}  # (peer id, mid) → source, as stated at publish
+        self._track_sources: dict[str, str] = {}  # track id → source
         self._on_empty = on_empty
         self._emit = emit
         self._tasks = Tasks(f"room {room_id}")
+        self._quality_task: asyncio.Task[None] | None = None
+        self._empty_timer: asyncio.Task[None] | None = None
 
     def broadcast(self, method: str, data: dict[str, Any], *, exclude: str | None = None) -> None:
         for peer_id, session in list(self.sessions.items()):
@@ -78,12 +113,25 @@ class Room:
                 session.notify(method, data)
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "mode": self.mode, **self.router.describe()}
+        """The room for the admin API: id, mode, metadata, participants (with their tracks and metadata)."""
+        media = self.router.describe()
+        media["participants"] = [self.public_peer(p) for p in media.get("participants", [])]
+        return {"id": self.id, "mode": self.mode, "metadata": self.metadata, "max_participants": self.max_peers,
+                "empty_timeout": self.empty_timeout, **media}
+
+    def public_peer(self, peer: dict[str, Any]) -> dict[str, Any]:
+        """A participant as the router describes it, with what signaling knows: metadata, each track's source."""
+        tracks = [{**t, "source": self._track_sources.get(t["id"], default_source(t["kind"]))}
+                  for t in peer.get("tracks", [])]
+        return {**peer, "tracks": tracks, "metadata": self.peer_metadata.get(peer["id"], {})}
+
+    def describe_peers(self, *, exclude: str | None = None) -> list[dict[str, Any]]:
+        return [self.public_peer(p) for p in self.router.describe_peers(exclude=exclude)]
 
     # --- membership ------------------------------------------------------------------------------------
 
     async def join(self, session: Member, peer_id: str, name: str, *, identity: str | None = None,
-                   subscribe: bool = True) -> Peer:
+                   subscribe: bool = True, metadata: dict[str, Any] | None = None) -> Peer:
         """
         Add a participant for ``session``; the others get ``peer_joined``. A participant already here with
         the same ``identity`` is removed first (reason ``replaced``): it is the same person reconnecting.
@@ -98,9 +146,14 @@ class Room:
         peer = self.router.create_peer(peer_id, name, subscribe=subscribe)
         self.sessions[peer_id] = session
         self.names[peer_id] = name
+        self.peer_metadata[peer_id] = metadata or {}
         if identity:
             self.identities[identity] = peer_id
-        self.broadcast("peer_joined", {"peer": peer.describe()}, exclude=peer_id)
+            self._peer_identity[peer_id] = identity
+        self._stop_empty_timer()
+        if self._quality_task is None and not self._tasks.closed:
+            self._quality_task = self._tasks.spawn(self._watch_quality(), name=f"connection quality of {self.id}")
+        self.broadcast("peer_joined", {"peer": self.public_peer(peer.describe())}, exclude=peer_id)
         self.log.info("peer joined", peer=peer_id, name=name, peers=len(self.sessions))
         self._emit("participant_joined", {"room": self.id, "participant": {"id": peer_id, "name": name}})
         return peer
@@ -154,12 +207,19 @@ class Room:
                 del self.identities[identity]
         await self.router.remove_peer(peer_id)
         name = self.names.pop(peer_id, None)
+        self.peer_metadata.pop(peer_id, None)
+        self._peer_identity.pop(peer_id, None)
+        for key in [k for k in self._labels if k[0] == peer_id]:
+            del self._labels[key]
         self.broadcast("peer_left", {"peer_id": peer_id, "reason": reason})
         self.log.info("peer left", peer=peer_id, reason=reason, peers=len(self.sessions))
         self._emit("participant_left",
                    {"room": self.id, "reason": reason, "participant": {"id": peer_id, "name": name}})
         if not self.sessions:
-            await self.close("empty")
+            if self.empty_timeout is None:
+                await self.close("empty")
+            else:
+                self.start_empty_timer()
 
     async def remove(self, peer_id: str, reason: str) -> None:
         """The server removes a participant (kicked, connection failed): its session gets ``left``."""
@@ -168,6 +228,25 @@ class Room:
             raise NotFoundError(f"no participant {peer_id!r} in room {self.id!r}")
         session.removed(reason)
         await self.leave(peer_id, reason)
+
+    def start_empty_timer(self) -> None:
+        """Close the room once it has been empty for ``empty_timeout`` seconds (rooms made ahead of time)."""
+        self._stop_empty_timer()
+        if self.empty_timeout is not None and not self._tasks.closed:
+            self._empty_timer = self._tasks.spawn(self._close_if_still_empty(self.empty_timeout),
+                                                  name=f"empty timeout of {self.id}")
+
+    def _stop_empty_timer(self) -> None:
+        if self._empty_timer is not None:
+            self._empty_timer.cancel()
+            self._empty_timer = None
+
+    async def _close_if_still_empty(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._empty_timer = None
+        if not self.sessions:
+            self.log.info("room empty for its timeout", timeout=delay)
+            await self.close("empty")
 
     def spawn_close(self, reason: str) -> None:
         """Close the room from synchronous code (the task belongs to the room)."""
@@ -192,6 +271,69 @@ class Room:
         await self._tasks.close()
         self._on_empty(self)
 
+    # --- what signaling alone knows: track sources, metadata, chat ------------------------------------------
+
+    def label_tracks(self, peer_id: str, sources: dict[str, str]) -> None:
+        """What the tracks ``peer_id`` is about to publish are, by m-section (``{mid: "screen"}``)."""
+        for mid, source in sources.items():
+            self._labels[(peer_id, mid)] = source
+
+    def set_metadata(self, metadata: dict[str, Any]) -> None:
+        """Replace the room's metadata; everyone gets ``metadata {room}``."""
+        self.metadata = metadata
+        self.broadcast("metadata", {"room": metadata})
+
+    def set_peer_metadata(self, peer_id: str, metadata: dict[str, Any]) -> None:
+        """Replace a participant's metadata; everyone, the participant included, gets ``metadata {peer_id, metadata}``.
+
+        :raises NotFoundError: no such participant."""
+        if peer_id not in self.sessions:
+            raise NotFoundError(f"no participant {peer_id!r} in room {self.id!r}")
+        self.peer_metadata[peer_id] = metadata
+        self.broadcast("metadata", {"peer_id": peer_id, "metadata": metadata})
+
+    def chat_allowed(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` may send a chat message now (per-participant token bucket, kept across rejoins)."""
+        return self._chat_limiter.allow(self._peer_identity.get(peer_id, peer_id))
+
+    def send_chat(self, sender: str | None, text: str, to: str | None = None) -> dict[str, Any]:
+        """
+        Keep a message and deliver it: to everyone but its sender, or to ``to`` alone. ``sender`` ``None``: from the
+        server. Returns the message as delivered (``{id, from, name, to, text, ts}``).
+
+        :raises NotFoundError: ``to`` is not in the room.
+        """
+        if to is not None and to not in self.sessions:
+            raise NotFoundError(f"no participant {to!r} in room {self.id!r}")
+        message = self.chat.add(
+            sender=sender, name=self.names.get(sender) if sender else None, to=to, text=text,
+            sender_identity=self._peer_identity.get(sender) if sender else None,
+            to_identity=self._peer_identity.get(to) if to else None,
+        )
+        data = message.public()
+        if to is None:
+            self.broadcast("chat", data, exclude=sender)
+        elif to != sender:
+            self.sessions[to].notify("chat", data)
+        return data
+
+    def chat_history(self, peer_id: str) -> list[dict[str, Any]]:
+        """The kept messages ``peer_id`` may see (for its join response)."""
+        return self.chat.history(peer_id, self._peer_identity.get(peer_id))
+
+    async def _watch_quality(self) -> None:
+        while True:
+            await asyncio.sleep(quality.INTERVAL)
+            if not self.sessions:
+                continue
+            try:
+                peers = [q.public() for q in await self.router.connection_quality()]
+            except Exception:  # a connection closing under the statistics must not stop the next samples
+                self.log.warning("connection quality sampling failed", exc_info=True)
+                continue
+            if peers:
+                self.broadcast("connection_quality", {"peers": peers})
+
     def set_muted(self, track_id: str, muted: bool) -> dict[str, Any]:
         """Pause or resume a track (admin); everyone, its owner included, gets ``track_muted``."""
         track = self.router.set_muted(track_id, muted)
@@ -202,10 +344,13 @@ class Room:
     # --- RouterObserver --------------------------------------------------------------------------------
 
     def source_added(self, track: TrackInfo) -> None:
-        self.broadcast("track_published", {"peer_id": track.peer_id, "track": track.public()}, exclude=track.peer_id)
+        source = self._labels.get((track.peer_id, track.mid or ""), default_source(track.kind))
+        self._track_sources[track.id] = source
+        public = {**track.public(), "source": source}
+        self.broadcast("track_published", {"peer_id": track.peer_id, "track": public}, exclude=track.peer_id)
         self._emit("track_published", {"room": self.id,
                                        "participant": {"id": track.peer_id, "name": self.names.get(track.peer_id)},
-                                       "track": {**track.public(), "codec": track.codec}})
+                                       "track": {**public, "codec": track.codec}})
 
     def layers_wanted(self, track: TrackInfo, rids: list[str]) -> None:
         session = self.sessions.get(track.peer_id)
@@ -213,7 +358,11 @@ class Room:
             session.notify("publish_layers", {"track_id": track.id, "active": rids})
 
     def source_removed(self, track: TrackInfo) -> None:
+        self._track_sources.pop(track.id, None)
         self.broadcast("track_unpublished", {"peer_id": track.peer_id, "track_id": track.id}, exclude=track.peer_id)
+
+    def active_speakers(self, peer_ids: list[str]) -> None:
+        self.broadcast("active_speakers", {"peers": peer_ids})
 
     def peer_failed(self, peer_id: str, reason: str) -> None:
         async def remove() -> None:
@@ -241,9 +390,11 @@ class RoomRegistry:
     """The rooms of this process (the embedded, single-node registry)."""
 
     def __init__(self, emit: Emit | None = None, *, max_rooms: int = 1000, max_peers_per_room: int = 100,
-                 mcu_defaults: McuOptions | None = None) -> None:
+                 mcu_defaults: McuOptions | None = None, chat: dict[str, Any] | None = None) -> None:
         self.rooms: dict[str, Room] = {}
         self.mcu_defaults = mcu_defaults
+        #: Chat settings of new rooms: ``chat_history``, ``chat_rate``, ``chat_burst`` (see :class:`Room`).
+        self.chat = chat or {}
         #: called with each room that closes (the cluster releases its placement)
         self.on_room_closed: list[Callable[[Room], None]] = []
         self.max_rooms = max_rooms
@@ -265,13 +416,35 @@ class RoomRegistry:
         if room is not None and mode is not None and mode != room.mode:
             raise InvalidStateError(f"room {room_id} is in {room.mode} mode")
         if room is None:
-            if len(self.rooms) >= self.max_rooms:
-                raise LimitError(f"this server hosts its maximum of {self.max_rooms} rooms")
-            room = self.rooms[room_id] = Room(room_id, on_empty=self._remove, emit=self._emit,
-                                              max_peers=self.max_peers_per_room, mode=mode or "sfu",
-                                              mcu=mcu or self.mcu_defaults)
-            room.log.info("room created", mode=room.mode)
-            self._emit("room_started", {"room": room_id})
+            room = self._create(room_id, mode=mode or "sfu", mcu=mcu)
+        return room
+
+    def create(self, room_id: str, *, mode: str = "sfu", mcu: McuOptions | None = None,
+               max_participants: int | None = None, max_tracks_per_peer: int | None = None,
+               metadata: dict[str, Any] | None = None, empty_timeout: float = 300.0) -> Room:
+        """
+        Create a room ahead of time (the admin API): it waits ``empty_timeout`` seconds for its first participant,
+        and as long again after its last one leaves. ``max_participants`` is capped by the server's limit.
+
+        :raises InvalidStateError: the room exists already.
+        :raises LimitError: the server hosts its maximum of rooms.
+        """
+        if room_id in self.rooms:
+            raise InvalidStateError(f"room {room_id} exists")
+        peers = min(max_participants or self.max_peers_per_room, self.max_peers_per_room)
+        room = self._create(room_id, mode=mode, mcu=mcu, max_peers=peers, max_tracks_per_peer=max_tracks_per_peer,
+                            metadata=metadata, empty_timeout=empty_timeout)
+        room.start_empty_timer()
+        return room
+
+    def _create(self, room_id: str, *, mode: str, mcu: McuOptions | None, **options: Any) -> Room:
+        if len(self.rooms) >= self.max_rooms:
+            raise LimitError(f"this server hosts its maximum of {self.max_rooms} rooms")
+        options.setdefault("max_peers", self.max_peers_per_room)
+        room = self.rooms[room_id] = Room(room_id, on_empty=self._remove, emit=self._emit, mode=mode,
+                                          mcu=mcu or self.mcu_defaults, **self.chat, **options)
+        room.log.info("room created", mode=room.mode)
+        self._emit("room_started", {"room": room_id})
         return room
 
     def _remove(self, room: Room) -> None:

@@ -15,12 +15,13 @@ from chorus.sfu.logs import PeerLogger
 
 from . import protocol
 from .auth import Grants, forbidden
+from .chat import check_text
 from .cluster import Cluster, Redirect
 from .config import Settings
 from .drain import Drain
 from .limits import RateLimiter
 from .protocol import ProtocolError, bad_request, get_bool, get_optional_str, get_sdp, get_str
-from .room import Room, RoomRegistry
+from .room import TRACK_SOURCES, Room, RoomRegistry
 
 logger = logging.getLogger("chorus.session")
 
@@ -74,6 +75,7 @@ class Session:
             "set_preferences": self.on_set_preferences,
             "leave": self.on_leave,
             "ping": self.on_ping,
+            "chat": self.on_chat,
         }
 
     # --- outgoing ------------------------------------------------------------------------------------
@@ -138,6 +140,11 @@ class Session:
         request_id: int | None = None
         self._handling = True
         try:
+            limit = self.settings.max_message_bytes
+            if len(text) > limit or (len(text) * 4 > limit and len(text.encode("utf-8", "replace")) > limit):
+                # Read (up to max_frame_bytes) but not parsed: refused, and the socket stays open.
+                request_id = protocol.peek_id(text)
+                raise ProtocolError("limit_exceeded", f"the message is larger than {limit} bytes")
             request = protocol.parse_request(text)
             request_id = request.id
             handler = self._handlers.get(request.method)
@@ -225,8 +232,9 @@ class Session:
         nodes = await self.cluster.node_urls() if self.cluster is not None else []
         room = self.registry.get_or_create(room_id, mode=mode, mcu=mcu)
         peer_id = new_id("p")
-        peer = await room.join(self, peer_id, name, identity=identity, subscribe=grants.can_subscribe)
-        others = room.router.describe_peers(exclude=peer.id)
+        peer = await room.join(self, peer_id, name, identity=identity, subscribe=grants.can_subscribe,
+                               metadata=grants.metadata)
+        others = room.describe_peers(exclude=peer.id)
         self.log = self.log.bind(room=room_id, peer=peer_id)
         self.room = room
         self.grants = grants
@@ -241,14 +249,25 @@ class Session:
             "can_publish": grants.can_publish,
             "can_subscribe": grants.can_subscribe,
             "nodes": nodes,
+            "metadata": room.metadata,
+            "own_metadata": room.peer_metadata.get(peer_id, {}),
+            "chat": room.chat_history(peer_id),
+            "active_speakers": room.router.active_speakers(),
         }
 
     async def on_publish(self, data: dict[str, Any]) -> dict[str, Any]:
-        _, peer = self._joined()
+        room, peer = self._joined()
         if self.grants is not None and not self.grants.can_publish:
             raise forbidden("your token does not grant publishing")
         sdp = get_sdp(data, "offer", max_len=self.settings.max_sdp_bytes, max_lines=self.settings.max_sdp_lines)
-        answer, producers = await peer.publish(sdp, max_tracks=self.settings.max_tracks_per_peer)
+        sources = data.get("sources")
+        if sources is not None:
+            if (not isinstance(sources, dict) or len(sources) > 64
+                    or not all(isinstance(k, str) and len(k) <= 32 and v in TRACK_SOURCES for k, v in sources.items())):
+                raise bad_request(f"'sources' must map m-section ids to one of {', '.join(TRACK_SOURCES)}")
+            room.label_tracks(peer.id, sources)
+        answer, producers = await peer.publish(sdp, max_tracks=room.max_tracks_per_peer
+                                               or self.settings.max_tracks_per_peer)
         return {
             "type": "answer",
             "sdp": answer,
@@ -309,3 +328,16 @@ class Session:
 
     async def on_ping(self, data: dict[str, Any]) -> dict[str, Any]:
         return {"now": time.time()}
+
+    async def on_chat(self, data: dict[str, Any]) -> dict[str, Any]:
+        room, peer = self._joined()
+        try:
+            text = check_text(data.get("text"), self.settings.chat_max_bytes)
+        except TypeError as exc:
+            raise bad_request(str(exc)) from None
+        except OverflowError as exc:
+            raise ProtocolError("limit_exceeded", str(exc)) from None
+        to = get_optional_str(data, "to", max_len=64)
+        if not room.chat_allowed(peer.id):
+            raise ProtocolError("limit_exceeded", "too many chat messages; slow down")
+        return {"message": room.send_chat(peer.id, text, to)}
