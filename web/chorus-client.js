@@ -163,6 +163,23 @@ function defaultUrl() {
   return `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
 }
 
+// What a published track is (`publish.sources` in docs/signaling.md).
+export const SOURCES = Object.freeze(['microphone', 'camera', 'screen', 'screen_audio']);
+
+// The camera's simulcast layers, lowest first: a quarter, half and full resolution, each with three temporal
+// layers (VP8). The server forwards to each viewer the one that fits its tile and its network (issue 11).
+export const SIMULCAST_ENCODINGS = Object.freeze([
+  { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150000, scalabilityMode: 'L1T3' },
+  { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500000, scalabilityMode: 'L1T3' },
+  { rid: 'f', maxBitrate: 1500000, scalabilityMode: 'L1T3' },
+]);
+// A single camera encoding: without simulcast, or where the browser or the server refuses it.
+const SINGLE_ENCODING = Object.freeze({ maxBitrate: 1500000 });
+
+// Preferences are sent again only when the wanted height changes by more than this share (or `paused` flips),
+// so a tile that breathes by a few pixels does not flood the server or make its layer flap.
+const PREFERENCE_HYSTERESIS = 0.1;
+
 /**
  * One participant of a room.
  *
@@ -174,19 +191,28 @@ function defaultUrl() {
  * A `draining` notification with a `url` (the node is shutting down) moves us there at once.
  *
  * Events (detail):
- *   peer-joined      {peerId, peer}            peer = {id, name, tracks: [{id, kind, muted}]}
- *   peer-left        {peerId, peer}
- *   track-added      {peerId, trackId, kind, track, muted, mid}   track is a MediaStreamTrack
- *   track-removed    {peerId, trackId, kind, track}
- *   track-muted      {peerId, trackId, kind, muted}
- *   connection-state {state, publish, subscribe, attempt, maxAttempts, retryAt, reason}
- *                    publish/subscribe: the PeerConnections' connectionState; while reconnecting, attempt
- *                    counts the failed attempts, retryAt (Date.now() ms) is when the next one starts
- *   draining         {deadline, url}           the server shuts down (deadline: Unix time, seconds)
- *   closed           {reason}
+ *   peer-joined        {peerId, peer}          peer = {id, name, metadata, tracks: [{id, kind, muted, source}]}
+ *   peer-left          {peerId, peer}
+ *   track-added        {peerId, trackId, kind, source, track, muted, mid}   track is a MediaStreamTrack;
+ *                                              source: 'camera', 'microphone', 'screen' or 'screen_audio'
+ *   track-removed      {peerId, trackId, kind, source, track}
+ *   track-muted        {peerId, trackId, kind, muted}
+ *   local-track        {source, track}         what we publish for a source changed (null: nothing any more),
+ *                                              e.g. a device switch, or a screen share that ended
+ *   chat               {message, own}          message = {id, from, name, to, text, ts}; `from` null: the server.
+ *                                              Plain text: never render it as HTML. `own`: we sent it.
+ *   active-speakers    {peerIds}               who speaks now, loudest first (us included); at most 4 a second
+ *   connection-quality {peers}                 peer id → {quality, uplink_loss, downlink_loss, rtt_ms}, as the
+ *                                              server sees each participant's connection (every 2 s)
+ *   metadata           {room} | {peerId, metadata}   room or participant metadata changed (admin API)
+ *   connection-state   {state, publish, subscribe, attempt, maxAttempts, retryAt, reason}
+ *                      publish/subscribe: the PeerConnections' connectionState; while reconnecting, attempt
+ *                      counts the failed attempts, retryAt (Date.now() ms) is when the next one starts
+ *   draining           {deadline, url}         the server shuts down (deadline: Unix time, seconds)
+ *   closed             {reason}
  */
 export class RoomClient extends Emitter {
-  constructor({ url = defaultUrl(), iceTransportPolicy = 'all', reconnect = {} } = {}) {
+  constructor({ url = defaultUrl(), iceTransportPolicy = 'all', reconnect = {}, simulcast = true } = {}) {
     super();
     this.url = url;
     this.backoff = new Backoff(reconnect || {});
@@ -202,8 +228,18 @@ export class RoomClient extends Emitter {
     this.publishPc = null;
     this.subscribePc = null;
     this.localStream = null;
-    this.localTracks = []; // what the server made of our stream: [{id, kind, mid, track}]
+    this.localTracks = []; // what the server made of our tracks: [{id, kind, mid, source, track}]
+    this.sources = {}; // source -> the MediaStreamTrack we publish for it
+    this.simulcast = simulcast; // publish the camera in three layers (SIMULCAST_ENCODINGS)
     this.muted = { audio: false, video: false };
+    this.chat = []; // chat messages of this room, oldest first (the join response's history, then new ones)
+    this.activeSpeakers = []; // peer ids, loudest first
+    this.quality = new Map(); // peer id -> {quality, uplink_loss, downlink_loss, rtt_ms}
+    this.roomMetadata = {};
+    this.metadata = {}; // ours
+    this._transceivers = {}; // source -> the RTCRtpTransceiver that carries it on the publish connection
+    this._preferences = new Map(); // remote track id -> {max_height, paused} last sent
+    this._preferencesUnsupported = false;
     this.remoteTracks = new Map(); // track id -> track-added detail
     this._consumers = new Map(); // mid -> {mid, track_id, peer_id, kind}, from the latest offer
     this._endedTracks = new Set(); // unpublished track ids, never to be shown again
@@ -214,14 +250,15 @@ export class RoomClient extends Emitter {
   /**
    * Join a room; resolves with the join response. `identity` names this participant across reconnections
    * (a random one by default): when we rejoin after a network drop, the server replaces our stale session
-   * instead of showing a duplicate. With a token the server uses the token's identity instead.
+   * instead of showing a duplicate. With a token the server uses the token's identity instead. `mode` ('sfu' or
+   * 'mcu', with `mcu` composite options) applies when this join creates the room.
    */
-  async join({ room, name, token, identity } = {}) {
+  async join({ room, name, token, identity, mode, mcu } = {}) {
     if (this.state !== 'new' && this.state !== 'closed' && this.state !== 'failed') {
       throw new ChorusError('invalid_state', `cannot join while ${this.state}`);
     }
     identity = identity || this.identity || `id-${Math.random().toString(36).slice(2, 12)}`;
-    Object.assign(this, { room, name, token, identity });
+    Object.assign(this, { room, name, token, identity, requestedMode: mode, mcuOptions: mcu });
     this._setState('connecting');
     this.backoff.reset();
     // The first join is retried like a reconnection (a server restarting, a full node), except for
@@ -251,11 +288,18 @@ export class RoomClient extends Emitter {
     }
   }
 
-  /** Publish every track of `stream` (once per join; it is re-published after a reconnection). */
+  /**
+   * Publish every track of `stream`: its audio as the microphone, its video as the camera (once per join; they
+   * are published again after a reconnection). More sources come and go with setSource() and shareScreen().
+   */
   async publish(stream) {
     if (this.state !== 'connected') throw new ChorusError('invalid_state', 'join first');
     if (this.publishPc) throw new ChorusError('invalid_state', 'already published');
     this.localStream = stream;
+    for (const track of stream.getTracks()) {
+      this.sources[track.kind === 'audio' ? 'microphone' : 'camera'] = track;
+      if (this.muted[track.kind]) track.enabled = false;
+    }
     try {
       await this._publish();
     } catch (error) {
@@ -264,17 +308,198 @@ export class RoomClient extends Emitter {
       this.publishPc?.close();
       this.publishPc = null;
       this.localStream = null;
+      this.sources = {};
+      this._transceivers = {};
       throw error;
     }
   }
 
-  /** Mute or unmute our own audio or video: disables the local track and tells the server. */
+  /**
+   * Publish `track` as `source` ('camera', 'microphone', 'screen', 'screen_audio'), replacing what that source
+   * sent before without renegotiating (a device switch: the others see no gap), or stop publishing it with
+   * `track` null (the others see its track end). Resolves once the server has applied it; a refusal (e.g.
+   * `limit_exceeded`) rejects with a ChorusError and leaves the other tracks as they were.
+   */
+  async setSource(source, track) {
+    if (!SOURCES.includes(source)) throw new ChorusError('bad_request', `unknown source ${source}`);
+    if (this.state !== 'connected') throw new ChorusError('invalid_state', 'join first');
+    const transceiver = this._transceivers[source];
+    const sending = transceiver && transceiver.direction === 'sendonly';
+    if (track) {
+      track.enabled = !this.muted[track.kind] || !['camera', 'microphone'].includes(source);
+      this.sources[source] = track;
+      if (sending) {
+        await transceiver.sender.replaceTrack(track);
+      } else if (transceiver) {
+        // An m-section we stopped sending on earlier: send on it again (the server makes it a new track).
+        await transceiver.sender.replaceTrack(track);
+        transceiver.direction = 'sendonly';
+        await this._renegotiate(() => {
+          transceiver.direction = 'inactive';
+          transceiver.sender.replaceTrack(null);
+          delete this.sources[source];
+        });
+      } else if (!this.publishPc) {
+        await this._publish();
+      } else {
+        const added = this._addTransceiver(this.publishPc, source, track);
+        await this._renegotiate(() => {
+          added.stop();
+          delete this._transceivers[source];
+          delete this.sources[source];
+        });
+      }
+    } else if (sending) {
+      delete this.sources[source];
+      await transceiver.sender.replaceTrack(null);
+      transceiver.direction = 'inactive';
+      await this._renegotiate(() => {});
+    }
+    this.emit('local-track', { source, track: track || null });
+  }
+
+  /**
+   * Publish one more track beyond the four sources (an application's own), on a new m-section. The server
+   * allows `max_tracks_per_peer` (4 by default) and refuses more with `limit_exceeded`; nothing else changes.
+   */
+  async publishTrack(track, { source = track.kind === 'audio' ? 'microphone' : 'camera' } = {}) {
+    if (this.state !== 'connected' || !this.publishPc) throw new ChorusError('invalid_state', 'publish first');
+    const transceiver = this.publishPc.addTransceiver(track, { direction: 'sendonly' });
+    await this._renegotiate(() => transceiver.stop(), [[transceiver, source]]);
+    return this.localTracks.find((t) => t.track === track) || null;
+  }
+
+  /**
+   * Share the screen (a window or tab): its video, and its audio where the browser offers it, as two more
+   * tracks. The share ends by stopScreenShare() or when the browser ends the capture (its "Stop sharing").
+   */
+  async shareScreen({ audio = true } = {}) {
+    const stream = await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: 15 } }, audio });
+    const [video] = stream.getVideoTracks();
+    const [sound] = stream.getAudioTracks();
+    if ('contentHint' in video) video.contentHint = 'detail';
+    video.addEventListener('ended', () => this.stopScreenShare());
+    try {
+      await this.setSource('screen', video);
+      if (sound) await this.setSource('screen_audio', sound);
+    } catch (error) {
+      for (const track of stream.getTracks()) track.stop();
+      await this.stopScreenShare().catch(() => {});
+      throw error;
+    }
+    return stream;
+  }
+
+  /** End our screen share (its video and audio, in one renegotiation): the others see it gone at once. */
+  async stopScreenShare() {
+    let renegotiate = false;
+    for (const source of ['screen', 'screen_audio']) {
+      const track = this.sources[source];
+      if (!track) continue;
+      track.stop();
+      delete this.sources[source];
+      const transceiver = this._transceivers[source];
+      if (transceiver && transceiver.direction === 'sendonly') {
+        await transceiver.sender.replaceTrack(null);
+        transceiver.direction = 'inactive';
+        renegotiate = true;
+      }
+      this.emit('local-track', { source, track: null });
+    }
+    if (renegotiate && this.state === 'connected' && this.publishPc) await this._renegotiate(() => {});
+  }
+
+  /**
+   * Use another camera or microphone mid-call (`kind` 'video' or 'audio'): the new device's track replaces the
+   * old one on the same sender, so nobody sees the call renegotiate. Resolves with the new track.
+   */
+  async switchDevice(kind, deviceId, constraints = {}) {
+    const source = kind === 'audio' ? 'microphone' : 'camera';
+    const stream = await navigator.mediaDevices.getUserMedia(
+      { [kind]: { ...constraints, deviceId: { exact: deviceId } } });
+    const track = stream.getTracks()[0];
+    const old = this.sources[source];
+    if (this.state === 'connected' && this._transceivers[source]) await this.setSource(source, track);
+    else this.sources[source] = track;
+    track.enabled = !this.muted[kind];
+    if (this.localStream) {
+      if (old) this.localStream.removeTrack(old);
+      this.localStream.addTrack(track);
+    }
+    old?.stop();
+    if (!this._transceivers[source]) this.emit('local-track', { source, track });
+    return track;
+  }
+
+  /** Mute or unmute our own microphone ('audio') or camera ('video'): disables the track and tells the server. */
   async setMuted(kind, muted) {
     this.muted[kind] = muted;
-    for (const track of this.localStream?.getTracks() || []) {
-      if (track.kind === kind) track.enabled = !muted;
-    }
+    const track = this.sources[kind === 'audio' ? 'microphone' : 'camera'];
+    if (track) track.enabled = !muted;
     if (this.state === 'connected') await this._sendMute(kind, muted);
+  }
+
+  /**
+   * Send a chat message to the room, or to one participant (`to`: a peer id). Resolves with the message as
+   * delivered; rejects with `limit_exceeded` (over 4 kB, or too many too fast) or `not_found`.
+   */
+  async sendChat(text, to = null) {
+    if (this.state !== 'connected') throw new ChorusError('invalid_state', 'join first');
+    const { message } = await this.signal.request('chat', to ? { text, to } : { text });
+    this._chatArrived(message, true);
+    return message;
+  }
+
+  /**
+   * Say how a remote video is shown, so the server sends the layer that fits (issue 11): `maxHeight` is the
+   * tile's height in device pixels (CSS height × devicePixelRatio; a large number for the top layer), `paused`
+   * when it is not visible at all. Sent only when it changes by more than 10 % (or `paused` flips).
+   */
+  setPreferences(trackId, { maxHeight, paused = false }) {
+    if (this.state !== 'connected' || this._preferencesUnsupported) return;
+    const height = Math.max(0, Math.round(maxHeight || 0));
+    const last = this._preferences.get(trackId);
+    if (last && last.paused === paused && Math.abs(height - last.max_height) <= PREFERENCE_HYSTERESIS * last.max_height) {
+      return;
+    }
+    const preferences = { track_id: trackId, max_height: height, paused };
+    this._preferences.set(trackId, preferences);
+    this.signal.request('set_preferences', preferences).catch((error) => {
+      if (error.code === 'unknown_method') {
+        // A server without adaptive layers: it forwards everything anyway.
+        if (!this._preferencesUnsupported) console.info('chorus: this server takes no set_preferences');
+        this._preferencesUnsupported = true;
+      } else {
+        console.debug('chorus: set_preferences failed', error);
+        this._preferences.delete(trackId);
+      }
+    });
+  }
+
+  /** Statistics of what we receive, for a "your network" display: {bitrate (bit/s), packetLoss (0-1), rtt}. */
+  async downlinkStats() {
+    const pc = this.subscribePc;
+    if (!pc) return null;
+    let bytes = 0; let received = 0; let lost = 0; let rtt = null;
+    (await pc.getStats()).forEach((r) => {
+      if (r.type === 'inbound-rtp') {
+        bytes += r.bytesReceived || 0;
+        received += r.packetsReceived || 0;
+        lost += Math.max(r.packetsLost || 0, 0);
+      } else if (r.type === 'candidate-pair' && r.nominated && r.currentRoundTripTime !== undefined) {
+        rtt = r.currentRoundTripTime;
+      }
+    });
+    const now = performance.now();
+    const last = this._downlink;
+    this._downlink = { now, bytes, received, lost };
+    if (!last || now <= last.now) return null;
+    const packets = received - last.received + lost - last.lost;
+    return {
+      bitrate: Math.max(0, ((bytes - last.bytes) * 8000) / (now - last.now)),
+      packetLoss: packets > 0 ? Math.max(0, lost - last.lost) / packets : 0,
+      rtt,
+    };
   }
 
   /** Leave the room and close the websocket. Idempotent. */
@@ -290,6 +515,10 @@ export class RoomClient extends Emitter {
     if (wasConnected) await signal.request('leave', {}, { timeout: 2000 }).catch(() => {});
     this._teardown();
     this.localStream = null; // a later join publishes whatever it is given
+    this.sources = {};
+    this.chat = [];
+    this.activeSpeakers = [];
+    this.quality.clear();
     for (const peerId of [...this.peers.keys()]) this._peerLeft(peerId);
     this.emit('closed', { reason: 'left' });
   }
@@ -318,6 +547,11 @@ export class RoomClient extends Emitter {
     this._offers = Promise.resolve(); // nothing queued for an earlier socket may hold these up
     signal.on('close', () => this._onSignalClose(signal));
     const handlers = {
+      chat: (d) => this._chatArrived(d, false),
+      active_speakers: (d) => this._onActiveSpeakers(d.peers || []),
+      connection_quality: (d) => this._onQuality(d.peers || []),
+      metadata: (d) => this._onMetadata(d),
+      publish_layers: (d) => this._onPublishLayers(d),
       peer_joined: (d) => this._onPeerJoined(d),
       peer_left: (d) => this._peerLeft(d.peer_id),
       track_published: (d) => this._onTrackPublished(d),
@@ -335,6 +569,8 @@ export class RoomClient extends Emitter {
     await signal.ready;
     const request = { v: PROTOCOL_VERSION, room: this.room, name: this.name, identity: this.identity };
     if (this.token) request.token = this.token;
+    if (this.requestedMode) request.mode = this.requestedMode;
+    if (this.mcuOptions) request.mcu = this.mcuOptions;
     const response = await signal.request('join', request);
     this.peerId = response.peer_id;
     this.nodes = response.nodes || []; // the cluster's nodes: where to go if this one dies
@@ -342,7 +578,15 @@ export class RoomClient extends Emitter {
     this.iceServers = (response.ice_servers || []).map(({ urls, username, credential }) => ({
       urls, username, credential,
     }));
+    this._preferencesUnsupported = false; // this server may differ from the last
+    this.roomMetadata = response.metadata || {};
+    this.metadata = response.own_metadata || {};
+    const seen = new Set(this.chat.map((m) => m.id));
+    for (const message of response.chat || []) {
+      if (!seen.has(message.id)) this.chat.push(message); // a rejoin gives the history again
+    }
     this._syncPeers(response.peers || []);
+    this._onActiveSpeakers(response.active_speakers || []);
     this.subscribePc = this._newPc('subscribe');
     joined();
     this._watch(signal);
@@ -450,6 +694,8 @@ export class RoomClient extends Emitter {
     this.subscribePc?.close();
     this.publishPc = this.subscribePc = null;
     this.localTracks = [];
+    this._transceivers = {};
+    this._preferences.clear();
     this._consumers.clear();
     this._queuedCandidates = { publish: [], subscribe: [] };
     this._offers = Promise.resolve();
@@ -522,33 +768,137 @@ export class RoomClient extends Emitter {
     for (const c of this._queuedCandidates[target].splice(0)) this._trickle(target, c);
   }
 
-  // Offer our stream on a fresh publish connection.
+  // Offer our sources on a fresh publish connection (after joining, and again after a reconnection).
   async _publish() {
-    const stream = this.localStream;
-    if (!stream || stream.getTracks().length === 0) return;
+    const present = SOURCES.filter((source) => this.sources[source]?.readyState === 'live');
+    if (!present.length) return;
     const pc = (this.publishPc = this._newPc('publish'));
-    for (const track of stream.getTracks()) {
-      pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
-    }
-    await pc.setLocalDescription(await pc.createOffer());
-    const answer = await this.signal.request('publish', { type: 'offer', sdp: pc.localDescription.sdp });
-    if (pc !== this.publishPc) return;
-    await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
-    this._armConnectTimer(pc, 'publish');
-    this._flushCandidates('publish');
-    const transceivers = pc.getTransceivers();
-    this.localTracks = answer.tracks.map((t) => ({
-      ...t, track: transceivers.find((x) => x.mid === t.mid)?.sender.track || null,
-    }));
+    this._transceivers = {};
+    for (const source of present) this._addTransceiver(pc, source, this.sources[source]);
+    await this._negotiate(pc);
     // A new session means new track ids: tell the server again what is muted.
     for (const kind of ['audio', 'video']) {
       if (this.muted[kind]) await this._sendMute(kind, true);
     }
   }
 
+  // One sendonly transceiver for `source`; the camera in simulcast layers unless that is off or refused.
+  _addTransceiver(pc, source, track) {
+    const init = { direction: 'sendonly', streams: [this.localStream || new MediaStream([track])] };
+    let transceiver = null;
+    if (source === 'camera' && this.simulcast) {
+      try {
+        transceiver = pc.addTransceiver(track, { ...init, sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e })) });
+      } catch (error) {
+        console.info('chorus: this browser refuses simulcast; publishing one layer', error);
+      }
+    }
+    transceiver ||= pc.addTransceiver(track, { ...init, sendEncodings: source === 'camera' ? [SINGLE_ENCODING] : [] });
+    this._transceivers[source] = transceiver;
+    return transceiver;
+  }
+
+  // Offer the publish connection as it now is; on refusal, roll back and call `undo` (which restores our own
+  // view of what is published), then rethrow. `extra`: [transceiver, source] pairs not in this._transceivers.
+  async _renegotiate(undo, extra = []) {
+    const pc = this.publishPc;
+    try {
+      await this._negotiate(pc, extra);
+    } catch (error) {
+      if (pc === this.publishPc && pc.signalingState === 'have-local-offer') {
+        await pc.setLocalDescription({ type: 'rollback' }).catch(() => {});
+      }
+      undo();
+      throw error;
+    }
+  }
+
+  async _negotiate(pc, extra = []) {
+    await pc.setLocalDescription(await pc.createOffer());
+    const sources = {}; // mid -> source, for the server (mids exist once the offer is set)
+    for (const [transceiver, source] of [...extra, ...Object.entries(this._transceivers).map(([s, t]) => [t, s])]) {
+      if (transceiver.mid !== null) sources[transceiver.mid] = source;
+    }
+    const answer = await this.signal.request('publish', { type: 'offer', sdp: pc.localDescription.sdp, sources });
+    if (pc !== this.publishPc) return;
+    await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
+    this._armConnectTimer(pc, 'publish');
+    this._flushCandidates('publish');
+    this._keepOneLayerIfRefused();
+    // The tracks the server has now: those it just created, and the earlier ones still sending.
+    const byMid = new Map(pc.getTransceivers().map((t) => [t.mid, t]));
+    const live = this.localTracks.filter((t) => byMid.get(t.mid)?.direction === 'sendonly'
+      && !answer.tracks.some((n) => n.mid === t.mid));
+    this.localTracks = [...live, ...answer.tracks.map((t) => ({
+      ...t, source: sources[t.mid], track: byMid.get(t.mid)?.sender.track || null,
+    }))];
+  }
+
+  // A server that answers without simulcast leaves only the first (quarter-size) layer: make it full size.
+  _keepOneLayerIfRefused() {
+    const sender = this._transceivers.camera?.sender;
+    if (!sender) return;
+    const parameters = sender.getParameters();
+    const encodings = parameters.encodings || [];
+    if (encodings.length === 1 && encodings[0].rid && encodings[0].scaleResolutionDownBy !== 1) {
+      encodings[0].scaleResolutionDownBy = 1;
+      encodings[0].maxBitrate = SINGLE_ENCODING.maxBitrate;
+      sender.setParameters(parameters).catch((error) => console.warn('chorus: cannot resize the layer', error));
+    }
+  }
+
+  // The server says which camera layers anyone watches: the others are paused at the source (issue 11).
+  _onPublishLayers({ track_id: trackId, active }) {
+    const ours = this.localTracks.find((t) => t.id === trackId);
+    const transceiver = ours && this.publishPc?.getTransceivers().find((t) => t.mid === ours.mid);
+    if (!transceiver || !Array.isArray(active)) return;
+    const parameters = transceiver.sender.getParameters();
+    let changed = false;
+    for (const encoding of parameters.encodings || []) {
+      const wanted = !encoding.rid || active.includes(encoding.rid);
+      if (encoding.active !== wanted) {
+        encoding.active = wanted;
+        changed = true;
+      }
+    }
+    if (changed) {
+      transceiver.sender.setParameters(parameters).catch((error) => console.warn('chorus: publish_layers', error));
+    }
+  }
+
   _sendMute(kind, muted) {
-    const ours = this.localTracks.filter((t) => t.kind === kind);
+    const source = kind === 'audio' ? 'microphone' : 'camera';
+    const ours = this.localTracks.filter((t) => (t.source || (t.kind === 'audio' ? 'microphone' : 'camera')) === source);
     return Promise.all(ours.map((t) => this.signal.request('mute', { track_id: t.id, muted })));
+  }
+
+  _chatArrived(message, own) {
+    if (this.chat.some((m) => m.id === message.id)) return;
+    this.chat.push(message);
+    if (this.chat.length > 500) this.chat.splice(0, this.chat.length - 500);
+    this.emit('chat', { message, own });
+  }
+
+  _onActiveSpeakers(peerIds) {
+    this.activeSpeakers = peerIds;
+    this.emit('active-speakers', { peerIds });
+  }
+
+  _onQuality(list) {
+    for (const { peer_id: peerId, ...quality } of list) this.quality.set(peerId, quality);
+    this.emit('connection-quality', { peers: this.quality });
+  }
+
+  _onMetadata({ room, peer_id: peerId, metadata }) {
+    if (room !== undefined) {
+      this.roomMetadata = room || {};
+      this.emit('metadata', { room: this.roomMetadata });
+      return;
+    }
+    if (peerId === this.peerId) this.metadata = metadata || {};
+    const peer = this.peers.get(peerId);
+    if (peer) peer.metadata = metadata || {};
+    this.emit('metadata', { peerId, metadata: metadata || {} });
   }
 
   _onOffer(signal, offer) {
@@ -591,6 +941,7 @@ export class RoomClient extends Emitter {
     const detail = {
       peerId: c.peer_id, trackId: c.track_id, kind: c.kind, track: transceiver.receiver.track,
       muted: known?.muted || false, mid: c.mid,
+      source: known?.source || (c.kind === 'audio' ? 'microphone' : 'camera'),
     };
     this.remoteTracks.set(c.track_id, detail);
     this.emit('track-added', detail);
@@ -600,7 +951,8 @@ export class RoomClient extends Emitter {
     const t = this.remoteTracks.get(trackId);
     if (!t) return;
     this.remoteTracks.delete(trackId);
-    this.emit('track-removed', { peerId: t.peerId, trackId, kind: t.kind, track: t.track });
+    this._preferences.delete(trackId);
+    this.emit('track-removed', { peerId: t.peerId, trackId, kind: t.kind, source: t.source, track: t.track });
   }
 
   // --- room notifications ---------------------------------------------------------------------------
@@ -616,8 +968,8 @@ export class RoomClient extends Emitter {
 
   _onPeerJoined({ peer }) {
     const isNew = !this.peers.has(peer.id);
-    const tracks = (peer.tracks || []).map((t) => ({ id: t.id, kind: t.kind, muted: !!t.muted }));
-    this.peers.set(peer.id, { id: peer.id, name: peer.name, tracks });
+    const tracks = (peer.tracks || []).map((t) => ({ id: t.id, kind: t.kind, muted: !!t.muted, source: t.source }));
+    this.peers.set(peer.id, { id: peer.id, name: peer.name, metadata: peer.metadata || {}, tracks });
     if (isNew) this.emit('peer-joined', { peerId: peer.id, peer: this.peers.get(peer.id) });
   }
 
@@ -634,7 +986,7 @@ export class RoomClient extends Emitter {
   _onTrackPublished({ peer_id: peerId, track }) {
     const peer = this.peers.get(peerId);
     if (peer && !peer.tracks.some((t) => t.id === track.id)) {
-      peer.tracks.push({ id: track.id, kind: track.kind, muted: !!track.muted });
+      peer.tracks.push({ id: track.id, kind: track.kind, muted: !!track.muted, source: track.source });
     }
   }
 
