@@ -65,7 +65,7 @@ def malformed(i: int, rng: random.Random) -> tuple[str, bool]:
     if kind == 14:
         return json.dumps({"type": "req", "id": rid, "method": "join",
                            "data": {"v": 1, "room": "abuse-" + str(rng.randint(0, 3)), "name": "\u202e\x00"}}), False
-    return "x" * (300 * 1024), True  # over max_message_bytes: closed with 1009
+    return "x" * (300 * 1024), False  # over max_message_bytes: limit_exceeded, the socket stays open
 
 
 async def abuse_signaling(url: str, count: int, sockets: int) -> dict[str, Any]:
@@ -97,7 +97,7 @@ async def abuse_signaling(url: str, count: int, sockets: int) -> dict[str, Any]:
                                 pass
                     else:
                         code = reply["error"]["code"]
-                        outcomes["internal_error" if code == "internal_error" else "typed error"] += 1
+                        outcomes[code if code in ("internal_error", "limit_exceeded") else "typed error"] += 1
                     break
             await ws.close()
 

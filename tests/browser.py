@@ -66,3 +66,29 @@ async def wait_until(page: object, expression: str, timeout: float, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout} s: {expression[:120]}")
         await asyncio.sleep(interval)
+
+
+def speech_wav(path: str, seconds: float = 8.0, rate: int = 48000) -> str:
+    """
+    Write a WAV of speech-like sound for ``--use-file-for-fake-audio-capture``: a voiced buzz (140 Hz with
+    falling harmonics and a little vibrato) in syllables of about 4 a second with short pauses, so Chromium's
+    noise suppression, which removes steady tones, keeps it. Chromium loops the file.
+    """
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 140 * (1 + 0.05 * np.sin(2 * np.pi * 0.7 * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
+    syllables = np.clip(np.sin(2 * np.pi * 3.7 * t) + 0.3, 0, None) ** 0.6
+    rng = np.random.default_rng(1)
+    samples = 0.25 * voice * syllables + 0.01 * rng.standard_normal(len(t))
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(path, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    return path

@@ -69,7 +69,7 @@ async def test_signaling_flood_hurts_no_one(server: ServerProcess, clients: list
     assert sum(outcomes.values()) == 10000
     assert outcomes.get("internal_error", 0) == 0
     assert not any(k.startswith("unexpected") for k in outcomes), outcomes
-    assert outcomes.get("closed 1009", 0) == 10000 // 16  # every oversized message, and only those
+    assert outcomes.get("limit_exceeded", 0) == 10000 // 16  # every oversized message, and only those
     assert fps >= 0.9 * baseline
     assert slowest_health < 1.0
     new_lines = log_lines(server)[lines_before:]

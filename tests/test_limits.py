@@ -19,6 +19,7 @@ ORIGIN = "https://meet.example.org"
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess(tmp_path_factory.mktemp("limits"), env={
         "CHORUS_MAX_MESSAGE_BYTES": "8192",
+        "CHORUS_MAX_FRAME_BYTES": "16384",
         "CHORUS_MAX_SDP_BYTES": "6000",
         "CHORUS_MAX_SDP_LINES": "150",
         "CHORUS_MAX_ROOMS": "2",
@@ -33,9 +34,15 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
     assert "Traceback" not in proc.log()
 
 
-async def test_message_size_limit_closes_with_1009(limited: ServerProcess) -> None:
+async def test_message_size_limits(limited: ServerProcess) -> None:
+    """Over max_message_bytes: limit_exceeded, and the socket stays open; over max_frame_bytes: closed, 1009."""
     async with aiohttp.ClientSession() as http, http.ws_connect(limited.ws_url) as ws:
-        await ws.send_str(json.dumps({"type": "req", "id": 1, "method": "ping", "data": {"x": "a" * 9000}}))
+        await ws.send_str(json.dumps({"type": "req", "id": 7, "method": "ping", "data": {"x": "a" * 9000}}))
+        reply = json.loads((await ws.receive()).data)
+        assert reply["id"] == 7 and reply["error"]["code"] == "limit_exceeded"
+        await ws.send_str(json.dumps({"type": "req", "id": 8, "method": "ping"}))
+        assert json.loads((await ws.receive()).data)["ok"] is True
+        await ws.send_str(json.dumps({"type": "req", "id": 1, "method": "ping", "data": {"x": "a" * 20000}}))
         msg = await ws.receive()
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
         assert ws.close_code == 1009
