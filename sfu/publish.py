@@ -114,6 +114,9 @@ class PublishTransport(Transport):
             pc = self._pc
             if pc.signalingState != "stable":
                 raise InvalidStateError("a publish negotiation is already in progress")
+            # Tracks the client stopped sending end at once, before aiortc's slow part: the others see them go.
+            self._retire({m.rtp.muxId for m in media if m.kind in ("audio", "video")
+                          and (not m.port or m.direction == "inactive")})
             known = set(pc.getTransceivers())
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
@@ -142,7 +145,7 @@ class PublishTransport(Transport):
                 await self._reset_if_unusable(pc, force=True)
                 raise InvalidSdpError(f"cannot answer offer: {type(exc).__name__}: {exc}") from exc
 
-            revived = self._retire_stopped(pc, known)
+            revived = self._revived(pc, known)
             producers = [self._add_producer(t, offered.get(t.mid or "")) for t in new + revived
                          if t.currentDirection in ("recvonly", "sendrecv")]
             if producers:
@@ -153,27 +156,23 @@ class PublishTransport(Transport):
                 self._on_source_added(producer)
             return answer_sdp, producers
 
-    def _retire_stopped(self, pc: RTCPeerConnection, known: set[RTCRtpTransceiver]) -> list[RTCRtpTransceiver]:
-        """
-        After a renegotiation: a track whose m-section the client made inactive (it stopped sending it, e.g. a
-        screen share that ended) ends now; returns the known m-sections without a track that send again (the
-        client reuses its m-sections for a new track, e.g. the next screen share).
-        """
-        by_mid = {p.mid: p for p in self.producers.values()}
-        revived = []
-        for transceiver in pc.getTransceivers():
-            receiving = transceiver.currentDirection in ("recvonly", "sendrecv")
-            producer = by_mid.get(transceiver.mid)
-            if producer is not None and not receiving:
-                del self.producers[producer.id]
-                self._by_mid.pop(producer.mid or "", None)
-                for ssrc in [ssrc for ssrc, route in self._routes.items() if route.producer is producer]:
-                    del self._routes[ssrc]
-                producer.close()
-                self._on_source_closed(producer)
-            elif producer is None and receiving and transceiver in known:
-                revived.append(transceiver)
-        return revived
+    def _retire(self, mids: set[str]) -> None:
+        """The client stopped sending on these m-sections (made them inactive, e.g. a screen share that ended):
+        their tracks end."""
+        for producer in [p for p in self.producers.values() if p.mid in mids]:
+            del self.producers[producer.id]
+            self._by_mid.pop(producer.mid or "", None)
+            for ssrc in [ssrc for ssrc, route in self._routes.items() if route.producer is producer]:
+                del self._routes[ssrc]
+            producer.close()
+            self._on_source_closed(producer)
+
+    def _revived(self, pc: RTCPeerConnection, known: set[RTCRtpTransceiver]) -> list[RTCRtpTransceiver]:
+        """After a renegotiation: the known m-sections without a track that send again (the client reuses its
+        m-sections for a new track, e.g. the next screen share)."""
+        mids = {p.mid for p in self.producers.values()}
+        return [t for t in pc.getTransceivers() if t in known and t.mid not in mids
+                and t.currentDirection in ("recvonly", "sendrecv")]
 
     def _accept_extensions(self, transceiver: RTCRtpTransceiver, offered: OfferedMedia | None) -> None:
         """Negotiate, beyond aiortc's own, simulcast's header extensions and transport-wide congestion control."""

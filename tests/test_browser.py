@@ -36,7 +36,9 @@ async def open_page(browser: object, url: str) -> object:
 
 async def test_three_browsers_in_a_call(server: ServerProcess, browser: object, room_name: str) -> None:
     started = time.monotonic()
-    pages = [await open_page(browser, f"{server.http_url}/?room={room_name}&name=p{i}") for i in range(3)]
+    # 640x480 without simulcast, as before the page captured 720p in three layers: this test is about the call.
+    pages = [await open_page(browser, f"{server.http_url}/?room={room_name}&name=p{i}&video=640x480&simulcast=0")
+             for i in range(3)]
 
     async def media_flowing(page: object) -> dict[str, int]:
         # Two remote videos decoding and two remote audio streams received, with frames still rising.
@@ -60,8 +62,8 @@ async def test_three_browsers_in_a_call(server: ServerProcess, browser: object, 
 
 async def test_closed_tab_leaves_the_call(server: ServerProcess, browser: object, room_name: str) -> None:
     """A tab closed without goodbye (no leave, no unload handler): the other page drops its tile in < 2 s."""
-    stay = await open_page(browser, f"{server.http_url}/?room={room_name}&name=stay")
-    gone = await open_page(browser, f"{server.http_url}/?room={room_name}&name=gone")
+    stay = await open_page(browser, f"{server.http_url}/?room={room_name}&name=stay&video=640x480&simulcast=0")
+    gone = await open_page(browser, f"{server.http_url}/?room={room_name}&name=gone&video=640x480&simulcast=0")
     for page in (stay, gone):
         await wait_until(page, f"({INBOUND_STATS})().then(s => s.video_streams >= 1)", 15)
     await stay.wait_for_function(  # type: ignore[attr-defined]

@@ -89,15 +89,15 @@ GEOMETRY = """() => {
 }"""
 
 
-def flags(*extra: str) -> list[str]:
+def flags(*extra: str, devices: int = 2) -> list[str]:
     base = [f for f in FLAGS if not f.startswith("--use-fake-device-for-media-stream")]
-    return [*base, "--use-fake-device-for-media-stream=fps=30,device-count=2", *extra]
+    return [*base, f"--use-fake-device-for-media-stream=fps=30,device-count={devices}", *extra]
 
 
 @asynccontextmanager
-async def chromium(*extra: str) -> AsyncIterator[Any]:
+async def chromium(*extra: str, devices: int = 2) -> AsyncIterator[Any]:
     async with playwright_api.async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=flags(*extra))
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=flags(*extra, devices=devices))
         try:
             yield browser
         finally:
@@ -148,7 +148,9 @@ async def timed(condition: Callable[[], Any], timeout: float, interval: float = 
 
 
 async def test_screen_share_device_switch_and_track_limit(server: ServerProcess, room_name: str) -> None:
-    async with chromium() as browser:
+    # Three fake cameras: Chromium's second one (fake_device_1) is a Y16 depth camera whose frames WebRTC never
+    # encodes (not even between two local RTCPeerConnections); the third is an ordinary camera.
+    async with chromium(devices=3) as browser:
         a, b, c = [await open_page(browser, url(server, room_name, n)) for n in "abc"]
         await asyncio.gather(*(ready(p, 2) for p in (a, b, c)))
         a_id, b_id = await a.evaluate("chorus.peerId"), await b.evaluate("chorus.peerId")
@@ -158,12 +160,12 @@ async def test_screen_share_device_switch_and_track_limit(server: ServerProcess,
         for page in (b, c):
             await wait_until(page, f"({REMOTE_FRAMES})().then(f => f['{a_id}:screen'] > 10)", 15)
         before = [await frames(p) for p in (b, c)]
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
         after = [await frames(p) for p in (b, c)]
         for first, second in zip(before, after, strict=True):
             # A captured screen only sends frames when it changes: decoded is enough; A's camera keeps going.
             assert second[f"{a_id}:screen"] > 10
-            assert second[f"{a_id}:camera"] - first[f"{a_id}:camera"] > 10
+            assert second[f"{a_id}:camera"] - first[f"{a_id}:camera"] > 5, (first, second)
         for page in (b, c):
             size = await page.evaluate("[document.querySelector('.tile.screen video').videoWidth, "
                                        "document.querySelector('.tile.screen video').videoHeight]")
@@ -202,10 +204,11 @@ async def test_screen_share_device_switch_and_track_limit(server: ServerProcess,
 
         # Must show 4: B switches camera mid-call; A and C keep decoding it, no gap over 1 s.
         await b.click("#devices-button")
-        options = await b.eval_on_selector_all("#camera-select option", "os => os.map(o => o.value)")
-        assert len(options) == 2, options
+        options = await b.eval_on_selector_all("#camera-select option", "os => os.map(o => [o.value, o.text])")
+        assert [label for _, label in options] == ["fake_device_0", "fake_device_1", "fake_device_2"], options
         current = await b.evaluate("chorus.sources.camera.getSettings().deviceId")
-        other = next(o for o in options if o != current)
+        assert current == options[0][0]
+        other = options[2][0]
         samples: dict[int, list[tuple[float, int]]] = {0: [], 1: []}
 
         async def watch(index: int, page: Any, seconds: float) -> None:
@@ -232,6 +235,11 @@ async def test_screen_share_device_switch_and_track_limit(server: ServerProcess,
                   f"switch, longest gap {longest * 1000:.0f} ms")
             assert longest < 1.0
             assert series[-1][1] - series[0][1] > 40
+        # A camera whose frames cannot be sent (the depth camera): the page goes back to the previous one.
+        await b.select_option("#camera-select", options[1][0])
+        await b.wait_for_function(f"chorus.sources.camera.getSettings().deviceId === '{other}' && "
+                                  "document.getElementById('error').textContent.includes('back to the previous')",
+                                  timeout=8000)
         for page in (a, b, c):
             assert not page.errors, page.errors
 
@@ -287,7 +295,12 @@ async def test_chat_and_active_speaker(server: ServerProcess, room_name: str, tm
         assert "psst, c" not in await a.text_content("#chat-log")
 
         # From a raw protocol client: a 1 MB message, 1000 messages a second, and HTML.
+        baseline = [await frames(p) for p in (a, b)]
+        started_baseline = time.monotonic()
+        await asyncio.sleep(2.0)
         video_before = [await frames(p) for p in (a, b)]
+        flood_started = time.monotonic()
+        baseline_time = flood_started - started_baseline
         async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url, max_msg_size=0) as ws:
             async def request(request_id: int, method: str, data: dict[str, Any]) -> None:
                 await ws.send_str(json.dumps({"type": "req", "id": request_id, "method": method, "data": data}))
@@ -329,8 +342,13 @@ async def test_chat_and_active_speaker(server: ServerProcess, room_name: str, tm
                 assert len([t for t in texts if t.startswith("flood")]) == accepted
                 assert not any(len(t) > 5000 for t in texts)
         video_after = [await frames(p) for p in (a, b)]
-        for first, second in zip(video_before, video_after, strict=True):
-            assert all(second[k] - first.get(k, 0) > 30 for k in second), (first, second)  # others unaffected
+        flood_time = time.monotonic() - flood_started
+        for zero, first, second in zip(baseline, video_before, video_after, strict=True):
+            for key in second:  # the others unaffected: their videos decode as fast as before the flood
+                before_rate = (first[key] - zero[key]) / baseline_time
+                during_rate = (second[key] - first[key]) / flood_time
+                print(f"{key}: {before_rate:.1f} fps before, {during_rate:.1f} fps during the raw client's flood")
+                assert during_rate >= 0.6 * before_rate, (zero, first, second)
         for page in (a, b, c):
             assert await page.evaluate("chorus.state") == "connected"
 
@@ -375,14 +393,18 @@ async def test_layouts_at_desktop_and_phone_size(server: ServerProcess, clients:
     """Must show 5: one page (as shipped) and three bots; screenshots of the grid and the speaker view at
     1280x800 and 390x844; the pictures cover at least 60 % of the stage and nothing leaves the viewport."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    bots = []
     for i, color in enumerate([(200, 70, 60), (60, 140, 200), (90, 170, 90)]):
         bot = await connect(server, clients, decode=False)
         await bot.join(room_name, f"bot {i + 1}")
         await bot.publish(SineTrack(220, amplitude=0.4 if i == 1 else 0.0), EncodedVideoTrack(bot_clip(color)))
+        bots.append(bot)
     async with chromium() as browser:
         page = await open_page(browser, f"{server.http_url}/?room={room_name}&name=me", width=1280, height=800)
         await ready(page, 3)
-        await page.wait_for_function("document.querySelectorAll('.tile.speaking').length === 1", timeout=5000)
+        speaker = bots[1].peer_id
+        await page.wait_for_function(f"document.querySelector('.tile[data-tile-id=\"{speaker}\"]')"
+                                     ".classList.contains('speaking')", timeout=10000)
         results = {}
         for width, height in ((1280, 800), (390, 844)):
             await page.set_viewport_size({"width": width, "height": height})
@@ -400,7 +422,7 @@ async def test_layouts_at_desktop_and_phone_size(server: ServerProcess, clients:
                 assert geometry["coverage"] >= 0.6, geometry
                 assert not geometry["outside"] and not geometry["scrolls"], geometry
         # The speaker view shows the one with sound large.
-        assert await page.evaluate("document.querySelector('.tile.main').classList.contains('speaking')")
+        assert await page.evaluate("document.querySelector('.tile.main').dataset.tileId") == speaker
         await page.set_viewport_size({"width": 1280, "height": 800})
         assert await page.evaluate("chorus.sources.camera.getSettings().height") == 720
         assert not page.errors, page.errors  # type: ignore[attr-defined]

@@ -258,3 +258,36 @@ async def test_python_client_chat(server: ServerProcess, clients: list[ChorusCli
     carol = await connect(server, clients)
     await carol.join(room_name, "carol")
     assert [m["text"] for m in carol.chat] == ["<b>hi</b>"]
+
+
+async def test_a_stopped_m_section_ends_its_track_and_can_come_back(server: ServerProcess,
+                                                                   clients: list[ChorusClient],
+                                                                   room_name: str) -> None:
+    """What screen sharing relies on: an m-section made inactive ends its track for the others at once; sending
+    on it again is a new track; only sending m-sections count towards max_tracks_per_peer."""
+    clip = encode_vp8_clip(frames=30)
+    sharer = await connect(server, clients)
+    await sharer.join(room_name, "sharer")
+    watcher = await connect(server, clients, decode=False)
+    await watcher.join(room_name, "watcher")
+    first = await sharer.publish(SineTrack(440), EncodedVideoTrack(clip), EncodedVideoTrack(clip))
+    screen = first[2]
+    assert sharer.publish_pc is not None
+    transceiver = next(t for t in sharer.publish_pc.getTransceivers() if t.mid == screen["mid"])
+
+    gone = watcher.expect_event("track_unpublished", lambda d: d["track_id"] == screen["id"])
+    transceiver.direction = "inactive"
+    assert await sharer.publish() == []
+    await gone
+
+    back = watcher.expect_event("track_published", lambda d: d["peer_id"] == sharer.peer_id)
+    transceiver.direction = "sendonly"
+    revived = await sharer.publish()
+    assert [t["mid"] for t in revived] == [screen["mid"]] and revived[0]["id"] != screen["id"]
+    assert (await back)["track"]["id"] == revived[0]["id"]
+
+    # Four sending m-sections are the default limit: a fifth is refused and nothing changes.
+    await sharer.publish(SineTrack(550))
+    with pytest.raises(RequestError) as excinfo:
+        await sharer.publish(EncodedVideoTrack(clip))
+    assert excinfo.value.code == "limit_exceeded"

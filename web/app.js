@@ -490,13 +490,26 @@ async function fillDevices() {
   }
 }
 
-async function switchDevice(kind, deviceId) {
+async function switchDevice(kind, deviceId, { check = true } = {}) {
+  const previous = client.sources[kind === 'video' ? 'camera' : 'microphone']?.getSettings().deviceId;
   try {
     const track = await client.switchDevice(kind, deviceId, kind === 'video' ? cameraConstraints() : {});
     if (kind === 'video') $('local-video-el').srcObject = new MediaStream([track]);
     else watchLevel(track);
   } catch (error) {
     showError(`Could not switch ${kind === 'video' ? 'camera' : 'microphone'}: ${error.message}`);
+    return;
+  }
+  // Some cameras give frames WebRTC cannot encode (depth cameras: Chromium's second fake device is one): if the
+  // new one sends nothing, go back to the previous one rather than leave everyone with a frozen picture.
+  if (kind !== 'video' || !check || !previous || client.muted.video) return;
+  const before = await client.framesEncoded('camera');
+  await new Promise((resolve) => setTimeout(resolve, 2500));
+  const after = await client.framesEncoded('camera');
+  if (before !== null && after === before && !client.muted.video && client.state === 'connected') {
+    await switchDevice('video', previous, { check: false });
+    $('camera-select').value = previous;
+    showError('That camera gives no video the browser can send: back to the previous one.');
   }
 }
 

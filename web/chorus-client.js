@@ -476,6 +476,17 @@ export class RoomClient extends Emitter {
     });
   }
 
+  /** Frames encoded so far for one of our sources (all its simulcast layers), or null when not published. */
+  async framesEncoded(source) {
+    const mid = this._transceivers[source]?.mid;
+    if (!this.publishPc || mid === undefined || mid === null) return null;
+    let frames = 0;
+    (await this.publishPc.getStats()).forEach((r) => {
+      if (r.type === 'outbound-rtp' && r.mid === mid) frames += r.framesEncoded || 0;
+    });
+    return frames;
+  }
+
   /** Statistics of what we receive, for a "your network" display: {bitrate (bit/s), packetLoss (0-1), rtt}. */
   async downlinkStats() {
     const pc = this.subscribePc;
