@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--no-publish", action="store_true", help="may not publish")
     create.add_argument("--no-subscribe", action="store_true", help="receives no one")
     create.add_argument("--admin", action="store_true", help="may use the admin API")
+    create.add_argument("--metadata", help="the participant's metadata, a JSON object (shown to the room)")
     turn_cli.add_commands(commands)
 
     ingress = commands.add_parser("ingress", help="streams into rooms: RTMP, SRT, WHIP, URL pull").add_subparsers(
@@ -166,9 +167,18 @@ def token_create(args: argparse.Namespace, settings: Settings) -> int:
     if args.room is None and not args.admin:
         print("chorus: --room is required (or --admin for an admin-only token)", file=sys.stderr)
         return 2
+    metadata = None
+    if args.metadata is not None:
+        try:
+            metadata = json.loads(args.metadata)
+        except ValueError:
+            metadata = None
+        if not isinstance(metadata, dict):
+            print("chorus: --metadata must be a JSON object", file=sys.stderr)
+            return 2
     print(auth.create_token(
         settings.auth_secret, identity=args.identity, room=args.room, name=args.name, ttl=args.ttl,
-        can_publish=not args.no_publish, can_subscribe=not args.no_subscribe, admin=args.admin,
+        can_publish=not args.no_publish, can_subscribe=not args.no_subscribe, admin=args.admin, metadata=metadata,
     ))
     return 0
 

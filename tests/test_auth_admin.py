@@ -163,6 +163,26 @@ async def test_valid_token_names_the_participant(auth_server: ServerProcess, cli
     assert (await announced)["peer"]["name"] == "carol"
 
 
+async def test_token_metadata_is_the_participants(auth_server: ServerProcess, clients: list[ChorusClient]) -> None:
+    host = await connect(auth_server, clients)
+    joined = await host.join("tokens-meta", "", token=token("tokens-meta", "hana", metadata={"role": "host"}))
+    assert joined["own_metadata"] == {"role": "host"}
+    guest = await connect(auth_server, clients)
+    joined = await guest.join("tokens-meta", "", token=token("tokens-meta", "gus"))
+    assert [p["metadata"] for p in joined["peers"]] == [{"role": "host"}] and joined["own_metadata"] == {}
+    forged = jwt_with(metadata="not an object")
+    with pytest.raises(RequestError) as excinfo:
+        await (await connect(auth_server, clients)).join("tokens-meta", "", token=forged)
+    assert excinfo.value.code == "unauthorized"
+
+
+def jwt_with(**claims: Any) -> str:
+    import jwt
+
+    return jwt.encode({"sub": "x", "room": "tokens-meta", "exp": int(time.time()) + 60, **claims}, SECRET,
+                      algorithm="HS256")
+
+
 def admin_headers(admin: bool = True) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(None, 'ops', admin=admin) if admin else token('x', 'ops')}"}
 

@@ -273,6 +273,10 @@ async def test_chat_and_active_speaker(server: ServerProcess, room_name: str, tm
             await speaker.evaluate("chorus.sources.microphone.enabled = true")
             peer = ids[[a, b, c].index(speaker)]
             delays = await asyncio.gather(*(timed(marked(p, peer), 3.0) for p in (a, b, c)))
+            # Its own level meter moves; the silent ones' do not.
+            await speaker.wait_for_function("Number(document.getElementById('mic-button').dataset.level) > 0.2",
+                                            timeout=3000)
+            assert float(await a.evaluate("document.getElementById('mic-button').dataset.level")) == 0
             print(f"{'bc'[speaker is c]} marked as the speaker on every page after "
                   f"{', '.join(f'{d * 1000:.0f}' for d in delays)} ms")
             assert max(delays) < 1.0
@@ -353,10 +357,18 @@ async def test_chat_and_active_speaker(server: ServerProcess, room_name: str, tm
             assert await page.evaluate("chorus.state") == "connected"
 
         # A late joiner sees the last 100 messages.
-        for i in range(100):
-            assert (await api(server, "POST", f"/rooms/{room_name}/chat", {"text": f"bulk {i}"}))[0] == 200
-        d = await open_page(browser, url(server, room_name, "d"))
+        async with aiohttp.ClientSession() as http:
+            for i in range(100):
+                async with http.post(f"{server.http_url}/api/rooms/{room_name}/chat",
+                                     json={"text": f"bulk {i}"}) as response:
+                    assert response.status == 200
+        d = await open_page(browser, url(server, room_name, "d", LIGHT + "&mic=0&cam=0"))  # joins muted
         await d.wait_for_function("window.chorusReady === true", timeout=15000)
+        d_id = await d.evaluate("chorus.peerId")
+        await a.wait_for_function(f"document.querySelector('.tile[data-tile-id=\"{d_id}\"]')?.classList"
+                                  ".contains('video-muted') && document.querySelector('.tile[data-tile-id="
+                                  f"\"{d_id}\"]').classList.contains('audio-muted')", timeout=5000)
+        assert await d.evaluate("chorus.sources.microphone.enabled || chorus.sources.camera.enabled") is False
         texts = await d.eval_on_selector_all("#chat-log .chat-text", "es => es.map(e => e.textContent)")
         assert texts == [f"bulk {i}" for i in range(100)]
         assert await d.text_content("#chat-log .chat-from") == "Server"
@@ -423,7 +435,37 @@ async def test_layouts_at_desktop_and_phone_size(server: ServerProcess, clients:
                 assert not geometry["outside"] and not geometry["scrolls"], geometry
         # The speaker view shows the one with sound large.
         assert await page.evaluate("document.querySelector('.tile.main').dataset.tileId") == speaker
+        # Each tile's size went to the server as set_preferences: the large one asks for the top layer, the
+        # others their height in device pixels (within the 10 % the client allows before it sends again).
         await page.set_viewport_size({"width": 1280, "height": 800})
+        await page.evaluate("chorusPage.setLayout('speaker')")
+        heights = await page.evaluate("""() => Object.fromEntries([...chorusPage.tiles.values()]
+          .filter((t) => !t.local).map((t) => [t.videoTrackId, t.el.clientHeight * devicePixelRatio]))""")
+        main_track = await page.evaluate("document.querySelector('.tile.main') && "
+                                         "chorusPage.tiles.get(document.querySelector('.tile.main').dataset.tileId)"
+                                         ".videoTrackId")
+
+        async def preferences() -> dict[str, Any]:
+            me = await page.evaluate("chorus.peerId")
+            room = (await api(server, "GET", f"/rooms/{room_name}"))[1]
+            peer = next(p for p in room["participants"] if p["id"] == me)
+            return {c["track_id"]: c for c in peer["subscribe"]["consumers"] if c["kind"] == "video"}
+
+        deadline = time.monotonic() + 5
+        while True:
+            consumers = await preferences()
+            wanted = {t: 2160 if t == main_track else h for t, h in heights.items()}
+            if all(consumers[t]["max_height"] is not None and abs(consumers[t]["max_height"] - h) <= 0.1 * h + 1
+                   for t, h in wanted.items()):
+                break
+            assert time.monotonic() < deadline, (wanted, consumers)
+            await asyncio.sleep(0.2)
+        print(f"set_preferences as the server holds them: {({t: c['max_height'] for t, c in consumers.items()})}")
+        # Pinning a strip tile makes it the large one.
+        pinned = bots[2].peer_id
+        await page.click(f".tile[data-tile-id='{pinned}'] .pin")
+        await page.wait_for_function(f"document.querySelector('.tile.main').dataset.tileId === '{pinned}'",
+                                     timeout=2000)
         assert await page.evaluate("chorus.sources.camera.getSettings().height") == 720
         assert not page.errors, page.errors  # type: ignore[attr-defined]
         print(f"screenshots in {ARTIFACTS}")
