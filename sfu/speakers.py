@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 
 #: Seconds of packets a decision is made on.
-WINDOW = 0.5
+WINDOW = 0.4
 #: A packet at most this many dB below full scale counts as voice (RFC 6464 level <= this).
 VOICE_LEVEL = 60
 #: The share of a window's packets that must be voice for its source to speak.

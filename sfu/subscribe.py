@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidStateError as AiortcInvalidStateError
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from . import aiortc_adapter as adapter
@@ -180,9 +181,11 @@ class SubscribeTransport(Transport):
                     return
                 finally:
                     self._answer = None
-        except Exception:  # a bug here must not kill the session silently
+        except Exception as exc:  # a bug here must not kill the session silently
             if self._pc is not None and self._pc.signalingState == "closed":
                 return  # closed under us by the client while offering: nothing to negotiate any more
+            if isinstance(exc, AiortcInvalidStateError) and "closed" in str(exc):
+                return  # aiortc is closing it (its signaling state says so only once it is done)
             self._log.error("subscribe negotiation failed", exc_info=True)
             self._on_failed("subscribe negotiation failed")
 

@@ -18,7 +18,7 @@ def feed(detector: SpeakerDetector, source: str, peer: str, levels: list[int], s
 
 def test_speech_with_pauses_speaks_and_silence_does_not() -> None:
     detector = SpeakerDetector()
-    speech = ([30] * 8 + [127] * 4) * 3  # syllables with short pauses
+    speech = ([30] * 8 + [127] * 4) * 2  # syllables with short pauses
     end = feed(detector, "a1", "alice", speech, 0.0)
     feed(detector, "b1", "bob", [127] * len(speech), 0.0)
     assert detector.speakers(end) == ["alice"]
