@@ -240,7 +240,7 @@ function mainTile() {
   if (tiles.has('mcu')) return tiles.get('mcu');
   const screen = [...tiles.values()].find((t) => t.kind === 'screen');
   if (screen) return screen;
-  const speaker = lastSpeaker && (tiles.get(lastSpeaker === client?.peerId ? null : lastSpeaker));
+  const speaker = lastSpeaker && tiles.get(lastSpeaker);
   if (speaker) return speaker;
   return [...tiles.values()].find((t) => !t.local) || tiles.get('local') || null;
 }
@@ -334,7 +334,9 @@ function setPinned(id) {
 // --- who speaks, how the connections are ----------------------------------------------------------
 
 function onActiveSpeakers({ peerIds }) {
-  if (peerIds.length) lastSpeaker = peerIds[0];
+  // The large tile follows the loudest of the others (never ourselves), and stays on them through silences.
+  const other = peerIds.find((id) => id !== client.peerId);
+  if (other) lastSpeaker = other;
   const speaking = new Set(peerIds);
   for (const tile of tiles.values()) {
     const peerId = tile.local ? client.peerId : tile.peerId;

@@ -159,6 +159,25 @@ const FINAL_LEAVE_REASONS = new Set(['kicked', 'replaced', 'closed by admin']);
 const PING_INTERVAL_MS = 3000;
 const PING_TIMEOUT_MS = 3000;
 
+// Resolves once `track` (video) has produced a frame, or after `timeout` ms.
+function firstFrame(track, timeout) {
+  return new Promise((resolve) => {
+    const video = document.createElement('video');
+    video.muted = true;
+    video.playsInline = true;
+    video.srcObject = new MediaStream([track]);
+    const done = () => {
+      clearTimeout(timer);
+      video.srcObject = null;
+      resolve();
+    };
+    const timer = setTimeout(done, timeout);
+    if ('requestVideoFrameCallback' in video) video.requestVideoFrameCallback(done);
+    else video.addEventListener('loadeddata', done, { once: true });
+    video.play().catch(done);
+  });
+}
+
 function defaultUrl() {
   return `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
 }
@@ -419,6 +438,8 @@ export class RoomClient extends Emitter {
       { [kind]: { ...constraints, deviceId: { exact: deviceId } } });
     const track = stream.getTracks()[0];
     const old = this.sources[source];
+    // The old camera keeps sending until the new one delivers its first frame: no gap for the others.
+    if (kind === 'video') await firstFrame(track, 1500);
     if (this.state === 'connected' && this._transceivers[source]) await this.setSource(source, track);
     else this.sources[source] = track;
     track.enabled = !this.muted[kind];
