@@ -259,13 +259,13 @@ async def test_chat_and_active_speaker(server: ServerProcess, room_name: str, tm
             await page.wait_for_function("chorus.activeSpeakers.length === 0 && !document.querySelector("
                                          "'.tile.speaking')", polling=50, timeout=5000)
 
-        def marked(page: Any, peer_id: str) -> Callable[[], Any]:
+        def marked(page: Any, peer_id: str, alone: bool = False) -> Callable[[], Any]:
             return lambda: page.evaluate(
                 f"""() => {{
                   const own = chorus.peerId === '{peer_id}';
                   const tile = document.querySelector(own ? '.tile.local' : '.tile[data-tile-id="{peer_id}"]');
                   return !!tile && tile.classList.contains('speaking')
-                    && document.querySelectorAll('.tile.speaking').length === 1;
+                    && (!{'true' if alone else 'false'} || document.querySelectorAll('.tile.speaking').length === 1);
                 }}""")
 
         for speaker, silent in ((b, None), (c, b)):
@@ -273,13 +273,20 @@ async def test_chat_and_active_speaker(server: ServerProcess, room_name: str, tm
                 await silent.evaluate("chorus.sources.microphone.enabled = false")
             await speaker.evaluate("chorus.sources.microphone.enabled = true")
             peer = ids[[a, b, c].index(speaker)]
-            delays = await asyncio.gather(*(timed(marked(p, peer), 3.0) for p in (a, b, c)))
+            try:
+                delays = await asyncio.gather(*(timed(marked(p, peer), 3.0) for p in (a, b, c)))
+            except AssertionError:
+                seen = [await p.evaluate("[chorus.activeSpeakers, [...document.querySelectorAll('.tile.speaking')]"
+                                         ".map((t) => t.dataset.tileId)]") for p in (a, b, c)]
+                raise AssertionError(f"{peer} not marked alone on every page: {seen} (ids {ids})") from None
             # Its own level meter moves; the silent ones' do not.
             await speaker.wait_for_function("Number(document.getElementById('mic-button').dataset.level) > 0.2",
                                             timeout=3000)
             assert float(await a.evaluate("document.getElementById('mic-button').dataset.level")) == 0
+            alone = await asyncio.gather(*(timed(marked(p, peer, alone=True), 3.0) for p in (a, b, c)))
             print(f"{'bc'[speaker is c]} marked as the speaker on every page after "
-                  f"{', '.join(f'{d * 1000:.0f}' for d in delays)} ms")
+                  f"{', '.join(f'{d * 1000:.0f}' for d in delays)} ms (the only one after "
+                  f"{', '.join(f'{(d + x) * 1000:.0f}' for d, x in zip(delays, alone, strict=True))} ms)")
             assert max(delays) < 1.0
 
         # Must show 2: chat among three pages, to everyone and to one.
