@@ -478,7 +478,7 @@ export class RoomClient extends Emitter {
    */
   setPreferences(trackId, { maxHeight, paused = false }) {
     if (this.state !== 'connected' || this._preferencesUnsupported) return;
-    const height = Math.max(0, Math.round(maxHeight || 0));
+    const height = Math.max(1, Math.round(maxHeight || 0)); // 0 would mean "no limit" to the server
     const last = this._preferences.get(trackId);
     if (last && last.paused === paused && Math.abs(height - last.max_height) <= PREFERENCE_HYSTERESIS * last.max_height) {
       return;
