@@ -106,6 +106,12 @@ class Peer:
         :raises NotFoundError: the peer publishes no such track."""
         return self.publisher.set_muted(producer_id, muted)
 
+    def unpublish(self, producer_id: str) -> None:
+        """End one of this peer's tracks now (see :meth:`PublishTransport.unpublish`).
+
+        :raises NotFoundError: the peer publishes no such track."""
+        self.publisher.unpublish(producer_id)
+
     def set_preferences(self, track_id: str, *, max_height: int | None, paused: bool) -> Consumer:
         """
         How the viewer shows a track it receives: ``max_height`` device pixels tall (``None``: no limit), or not at

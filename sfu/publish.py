@@ -156,6 +156,19 @@ class PublishTransport(Transport):
                 self._on_source_added(producer)
             return answer_sdp, producers
 
+    def unpublish(self, producer_id: str) -> None:
+        """
+        End one of this peer's tracks now, ahead of the renegotiation in which the client makes its m-section
+        inactive (so the others see it go without waiting for that). Sending on the m-section again after a
+        renegotiation makes a new track, as for any inactive m-section.
+
+        :raises NotFoundError: no such producer here.
+        """
+        producer = self.producers.get(producer_id)
+        if producer is None:
+            raise NotFoundError(f"no track {producer_id!r} published by this peer")
+        self._retire({producer.mid or ""})
+
     def _retire(self, mids: set[str]) -> None:
         """The client stopped sending on these m-sections (made them inactive, e.g. a screen share that ended):
         their tracks end."""

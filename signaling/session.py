@@ -76,6 +76,7 @@ class Session:
             "leave": self.on_leave,
             "ping": self.on_ping,
             "chat": self.on_chat,
+            "unpublish": self.on_unpublish,
         }
 
     # --- outgoing ------------------------------------------------------------------------------------
@@ -328,6 +329,11 @@ class Session:
 
     async def on_ping(self, data: dict[str, Any]) -> dict[str, Any]:
         return {"now": time.time()}
+
+    async def on_unpublish(self, data: dict[str, Any]) -> dict[str, Any]:
+        _, peer = self._joined()
+        peer.unpublish(get_str(data, "track_id", max_len=64))
+        return {}
 
     async def on_chat(self, data: dict[str, Any]) -> dict[str, Any]:
         room, peer = self._joined()

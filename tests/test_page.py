@@ -199,7 +199,14 @@ async def test_screen_share_device_switch_and_track_limit(server: ServerProcess,
         assert elapsed < 1.0
         # A shares again (its m-sections are reused) and stops with the button.
         await a.click("#screen-button")
-        await wait_until(b, f"({REMOTE_FRAMES})().then(f => f['{a_id}:screen'] > 5)", 15)
+        try:
+            await wait_until(b, f"({REMOTE_FRAMES})().then(f => f['{a_id}:screen'] > 5)", 15)
+        except AssertionError:
+            print("B:", await b.evaluate("[...chorus.remoteTracks.values()].map(t => [t.source, t.trackId, "
+                                         "t.track.readyState, t.track.muted])"), await frames(b))
+            print("A:", await a.evaluate("[chorus.localTracks.map(t => [t.source, t.id, t.mid]), "
+                                         "Object.keys(chorus.sources), document.getElementById('error').textContent]"))
+            raise
         await a.click("#screen-button")
         await b.wait_for_function(gone, polling=50, timeout=3000)
 

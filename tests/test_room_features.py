@@ -288,8 +288,18 @@ async def test_a_stopped_m_section_ends_its_track_and_can_come_back(server: Serv
     assert [t["mid"] for t in revived] == [screen["mid"]] and revived[0]["id"] != screen["id"]
     assert (await back)["track"]["id"] == revived[0]["id"]
 
-    # Four sending m-sections are the default limit: a fifth is refused and nothing changes.
-    await sharer.publish(SineTrack(550))
+    # unpublish ends it at once, before any renegotiation.
+    gone = watcher.expect_event("track_unpublished", lambda d: d["track_id"] == revived[0]["id"])
+    await sharer.request("unpublish", {"track_id": revived[0]["id"]})
+    await gone
+    with pytest.raises(RequestError) as missing:
+        await sharer.request("unpublish", {"track_id": revived[0]["id"]})
+    assert missing.value.code == "not_found"
+    transceiver.direction = "inactive"
+    assert await sharer.publish() == []
+
+    # Four sending m-sections are the default limit (the inactive one does not count): a fifth is refused.
+    await sharer.publish(SineTrack(550), EncodedVideoTrack(clip))
     with pytest.raises(RequestError) as excinfo:
         await sharer.publish(EncodedVideoTrack(clip))
     assert excinfo.value.code == "limit_exceeded"

@@ -370,6 +370,9 @@ export class RoomClient extends Emitter {
       }
     } else if (sending) {
       delete this.sources[source];
+      for (const t of this.localTracks.filter((x) => x.mid === transceiver.mid)) {
+        this.signal.request('unpublish', { track_id: t.id }).catch((error) => console.debug('chorus: unpublish', error));
+      }
       await transceiver.sender.replaceTrack(null);
       transceiver.direction = 'inactive';
       await this._renegotiate(() => {});
@@ -411,6 +414,13 @@ export class RoomClient extends Emitter {
 
   /** End our screen share (its video and audio, in one renegotiation): the others see it gone at once. */
   async stopScreenShare() {
+    // Tell the server first (`unpublish` is handled at once); the renegotiation that stops sending follows.
+    const ending = this.localTracks.filter((t) => t.source === 'screen' || t.source === 'screen_audio');
+    if (this.state === 'connected') {
+      for (const t of ending) {
+        this.signal.request('unpublish', { track_id: t.id }).catch((error) => console.debug('chorus: unpublish', error));
+      }
+    }
     let renegotiate = false;
     for (const source of ['screen', 'screen_audio']) {
       const track = this.sources[source];
