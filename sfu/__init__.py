@@ -24,7 +24,7 @@ from .observer import OfferedTrack, RouterObserver, SubscribeOffer, TrackInfo
 from .peer import Peer
 from .playback import PlaybackTransport
 from .producer import Producer
-from .router import Router, RouterCounts
+from .router import Router, RouterCounts, SourceWatcher
 from .source import PacketMeta, Sink, Source
 from .viewer import Viewer
 
@@ -49,6 +49,7 @@ __all__ = [
     "RouterObserver",
     "Sink",
     "Source",
+    "SourceWatcher",
     "SubscribeOffer",
     "TrackInfo",
     "UnsupportedCodecError",

@@ -22,7 +22,9 @@ What is used, and why:
   and its stats counters — the SSRC to write, to know when a subscriber's sender is negotiated, to serialize
   header extensions with the subscriber's IDs, to keep its sender reports honest, and (benchmark publishers
   that send pre-encoded video) to see a keyframe request.
-* ``RTCRtpTransceiver._codecs`` — the codecs negotiated for a transceiver.
+* ``RTCRtpTransceiver._codecs`` — the codecs negotiated for a transceiver; reordered between
+  ``setRemoteDescription`` and ``createAnswer`` (:func:`prefer_codec`) so a publish answer asks the client to
+  send H.264 first when a room's HTTP egress can then pass it through untranscoded.
 * ``RTCDtlsTransport._send_rtp`` — SRTP-protect and send one packet; on the hot path
   (:func:`direct_rtp_sender`) ``RTCDtlsTransport._state``/``_tx_srtp`` and aioice's
   ``Connection._nominated`` pair with its protocol's UDP transport, to do the same synchronously;
@@ -463,6 +465,22 @@ def transceiver_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParame
     """The codecs negotiated for a transceiver, preferred first (the first one is what is sent)."""
     codecs: list[RTCRtpCodecParameters] = transceiver._codecs
     return codecs
+
+
+def prefer_codec(transceiver: RTCRtpTransceiver, mime_type: str) -> bool:
+    """
+    Put the negotiated codecs of ``mime_type`` (and their RTX) first on a transceiver whose remote offer was just
+    applied, so the answer lists them first and the offerer sends that codec (JSEP: the first codec of the answer
+    that both support). The codecs themselves are untouched. Whether the offer had such a codec.
+    """
+    codecs: list[RTCRtpCodecParameters] = transceiver._codecs
+    chosen = [c for c in codecs if c.mimeType.lower() == mime_type.lower()]
+    if not chosen:
+        return False
+    payload_types = {c.payloadType for c in chosen}
+    rtx = [c for c in codecs if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") in payload_types]
+    transceiver._codecs = chosen + rtx + [c for c in codecs if c not in chosen and c not in rtx]
+    return True
 
 
 def add_header_extensions(transceiver: RTCRtpTransceiver, extensions: dict[str, int]) -> None:

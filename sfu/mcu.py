@@ -116,6 +116,7 @@ class McuRouter(Router):
             self._video.add_source(producer, track, (self._join_order[peer.id], next(self._sequence)))
         self._log.info("mcu source added", peer=peer.id, producer=producer.id, kind=producer.kind)
         self._watch_levels(producer)
+        self._tell_watchers(producer, True)
         self._observer.source_added(track_info(producer))
 
     def source_closed(self, peer: Peer | ExternalPeer, producer: Source) -> None:

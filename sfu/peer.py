@@ -15,7 +15,10 @@ from .subscribe import SubscribeTransport
 
 
 class PeerHost(Protocol):
-    """What a Peer tells the router that created it."""
+    """What a Peer tells the router that created it (and asks it: the video codec publishers should prefer)."""
+
+    @property
+    def preferred_video_codec(self) -> str | None: ...
 
     def source_added(self, peer: Peer, producer: Producer) -> None: ...
 
@@ -55,6 +58,7 @@ class Peer:
             on_source_added=lambda producer: host.source_added(self, producer),
             on_source_closed=lambda producer: host.source_closed(self, producer),
             on_layers_wanted=lambda producer, rids: host.layers_wanted(self, producer, rids),
+            preferred_video_codec=lambda: host.preferred_video_codec,
         )
         self.subscriber = SubscribeTransport(
             peer_id, log=log, on_failed=self._fail, send_offer=lambda offer: host.send_offer(self, offer)

@@ -49,6 +49,9 @@ class PublishTransport(Transport):
 
     Lifecycle: as :class:`~.transport.Transport`. A first offer that fails leaves no connection behind (the next
     offer starts afresh); once producers exist, a failed offer leaves them untouched.
+
+    ``preferred_video_codec`` is asked at each offer: when it names a codec (``video/H264`` while the room has an
+    HTTP egress that passes H.264 through), new video m-sections that offer it are answered with it first.
     """
 
     role = "publish"
@@ -62,9 +65,11 @@ class PublishTransport(Transport):
         on_source_added: Callable[[Producer], None],
         on_source_closed: Callable[[Producer], None],
         on_layers_wanted: Callable[[Producer, list[str]], None] = lambda producer, rids: None,
+        preferred_video_codec: Callable[[], str | None] = lambda: None,
     ) -> None:
         super().__init__(peer_id, log=log, on_failed=on_failed)
         self.producers: dict[str, Producer] = {}
+        self._preferred_video_codec = preferred_video_codec
         self._on_source_added = on_source_added
         self._on_source_closed = on_source_closed
         self._on_layers_wanted = on_layers_wanted
@@ -125,6 +130,11 @@ class PublishTransport(Transport):
                 raise InvalidSdpError(f"cannot apply offer: {type(exc).__name__}: {exc}") from exc
 
             new = [t for t in pc.getTransceivers() if t not in known and t.kind in ("audio", "video")]
+            preferred = self._preferred_video_codec()
+            if preferred is not None:
+                for transceiver in new:
+                    if transceiver.kind == "video" and adapter.prefer_codec(transceiver, preferred):
+                        self._log.info("video codec preferred", mid=transceiver.mid, codec=preferred)
             for transceiver in new:
                 codecs = adapter.transceiver_codecs(transceiver)
                 if not codecs or not is_forwardable(codecs[0]):

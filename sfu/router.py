@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from . import speakers, stats
 from .errors import InvalidStateError, NotFoundError
@@ -20,6 +20,19 @@ from .source import Source
 from .speakers import SpeakerDetector
 from .tasks import Tasks
 from .viewer import Viewer
+
+
+class SourceWatcher(Protocol):
+    """
+    Something of the media plane that follows a room's sources besides its participants: an HTTP egress, a
+    recorder. It attaches its own sinks to the sources it wants (:meth:`~.source.Source.attach`).
+    """
+
+    def source_added(self, source: Source) -> None:
+        """A participant published ``source`` (``source.peer_id`` says who); also each existing one at watch."""
+
+    def source_removed(self, source: Source) -> None:
+        """``source`` ended (its sinks were told ``source_closed`` too)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,10 @@ class Router:
 
     Lifecycle: *open* → *closed*; :meth:`close` closes every peer and viewer (and so every producer and
     consumer).
+
+    Watchers (:class:`SourceWatcher`, e.g. an egress) are told about every published source (ingested ones too);
+    while ``preferred_video_codec`` is set (``video/H264`` when an egress would rather pass H.264 through than
+    transcode), publishers who publish from then on are answered with that codec first when they offer it.
     """
 
     mode = "sfu"
@@ -83,6 +100,9 @@ class Router:
         self._speaker_task: asyncio.Task[None] | None = None
         self._quality = QualityTracker()
         self._tasks = Tasks(f"router {room_id}")
+        self._watchers: list[SourceWatcher] = []
+        #: The video codec new publish answers prefer (see :meth:`PublishTransport.negotiate`), or ``None``.
+        self.preferred_video_codec: str | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id}, peers={len(self._peers)})"
@@ -200,6 +220,31 @@ class Router:
                 return track_info(peer.set_muted(track_id, muted))
         raise NotFoundError(f"no track {track_id!r} in room {self.id!r}")
 
+    def watch(self, watcher: SourceWatcher) -> None:
+        """Tell ``watcher`` about every source published in this room: the existing ones now, later ones as they
+        come, and each one that ends. Idempotent."""
+        if watcher in self._watchers:
+            return
+        self._watchers.append(watcher)
+        for peer in list(self._peers.values()):
+            for producer in list(peer.producers.values()):
+                watcher.source_added(producer)
+
+    def unwatch(self, watcher: SourceWatcher) -> None:
+        """Stop telling ``watcher``. Idempotent."""
+        if watcher in self._watchers:
+            self._watchers.remove(watcher)
+
+    def _tell_watchers(self, producer: Source, added: bool) -> None:
+        for watcher in list(self._watchers):
+            try:
+                if added:
+                    watcher.source_added(producer)
+                else:
+                    watcher.source_removed(producer)
+            except Exception:  # a failing egress must not break publishing
+                self._log.error("source watcher failed", exc_info=True, producer=producer.id)
+
     def describe_peers(self, *, exclude: str | None = None) -> list[dict[str, Any]]:
         """Every participant (id, name, tracks) but ``exclude``."""
         return [p.describe() for p in self._peers.values() if p.id != exclude]
@@ -299,11 +344,13 @@ class Router:
             if other is not peer and not other.closed and isinstance(other, Peer) and other.subscribe:
                 other.consume(producer)
         self._watch_levels(producer)
+        self._tell_watchers(producer, True)
         self._observer.source_added(track_info(producer))
 
     def source_closed(self, peer: Peer | ExternalPeer, producer: Source) -> None:
         self._published.pop(producer.id, None)
         self._speakers.forget(producer.id)
+        self._tell_watchers(producer, False)
         self._observer.source_removed(track_info(producer))
 
     def layers_wanted(self, peer: Peer, producer: Producer, rids: list[str]) -> None:
