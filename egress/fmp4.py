@@ -289,12 +289,15 @@ class Fragmenter:
         """Media sequence number of the segment being filled."""
         return self._segment
 
-    def push(self, sample: Sample, *, boundary: bool | None = None) -> list[Part | Segment]:
+    def push(self, sample: Sample, *, boundary: bool | None = None,
+             segment: int | None = None) -> list[Part | Segment]:
         """
         Add a sample; return the parts (and the segment) it completed, in order.
 
         :param boundary: ``True`` cuts a segment before this sample (it must be a sync sample), ``False`` never
             does, ``None`` decides by the segment duration.
+        :param segment: with a cut, the media sequence number of the segment this sample starts (default: the
+            next one), so renditions cut on the same instants keep the same numbers even if one missed a cut.
         :raises EgressError: ``invalid_state`` after :meth:`finish`; ``bad_input`` for a forced cut at a
             non-sync sample.
         """
@@ -324,7 +327,7 @@ class Fragmenter:
         if boundary is None:
             boundary = sample.keyframe and sample.dts >= self._next_cut - self._tolerance
         if boundary:
-            out += self._close_segment(sample.dts)
+            out += self._close_segment(sample.dts, segment)
         elif self.part_ticks is not None and self._pending_ticks + duration > self.part_ticks:
             out.append(self._close_part())
         return out
@@ -355,12 +358,12 @@ class Fragmenter:
         self._index += 1
         return part
 
-    def _close_segment(self, end: int) -> list[Part | Segment]:
+    def _close_segment(self, end: int, number: int | None = None) -> list[Part | Segment]:
         out: list[Part | Segment] = []
         if self._pending:
             out.append(self._close_part())
         out.append(Segment(self._segment, self._segment_start, end - self._segment_start, self._index))
-        self._segment += 1
+        self._segment = max(self._segment + 1, number or 0)
         self._index = 0
         self._segment_start = end
         assert self._origin is not None

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 from chorus.egress.errors import EgressError
 from chorus.egress.fmp4 import Part, Segment, Track, init_segment
@@ -185,6 +185,7 @@ class _SegmentEntry:
     parts: list[Part] = field(default_factory=list)
     complete: bool = False
     size: int = 0
+    discontinuity: bool = False  # media time jumps before it (a pause, a publisher who came back)
 
 
 class Rendition:
@@ -222,6 +223,8 @@ class Rendition:
         self.bytes_written = 0
         self._log = (log or _log).bind(rendition=name)
         self._segments: OrderedDict[int, _SegmentEntry] = OrderedDict()
+        self._discontinuous_next = False
+        self._evicted_discontinuities = 0
         self._files: dict[str, bytes] = {INIT_NAME: init_segment(track)}
         self._max_extinf = max(1, round(segment_duration))
         if self.directory is not None:
@@ -242,14 +245,14 @@ class Rendition:
             if isinstance(event, Part):
                 entry = self._segments.get(event.segment)
                 if entry is None:
-                    entry = self._segments[event.segment] = _SegmentEntry(event.segment, event.start)
+                    entry = self._segments[event.segment] = self._entry(event.segment, event.start)
                 entry.parts.append(event)
                 entry.size += len(event.data)
                 if self.part_duration is not None:  # plain HLS serves whole segments only
                     self._store(segment_name(event.segment, event.index), event.data)
                 self.reload.published(event.segment, event.index)
             else:
-                entry = self._segments.get(event.number) or _SegmentEntry(event.number, event.start)
+                entry = self._segments.get(event.number) or self._entry(event.number, event.start)
                 self._segments[event.number] = entry
                 entry.duration, entry.complete = event.duration, True
                 self._max_extinf = max(self._max_extinf, round(event.duration / self.track.timescale))
@@ -258,6 +261,15 @@ class Rendition:
                 self.reload.published(event.number, None)
         if self.directory is not None:
             self._write(PLAYLIST_NAME, self.playlist().encode())
+
+    def discontinuity(self) -> None:
+        """The next segment does not continue the last one in media time (``EXT-X-DISCONTINUITY``)."""
+        self._discontinuous_next = True
+
+    def _entry(self, number: int, start: int) -> _SegmentEntry:
+        entry = _SegmentEntry(number, start, discontinuity=self._discontinuous_next and bool(self._segments))
+        self._discontinuous_next = False
+        return entry
 
     def end(self) -> None:
         """No more media: the playlist gets ``EXT-X-ENDLIST`` and every blocked request is answered."""
@@ -320,10 +332,17 @@ class Rendition:
             lines.append(f"#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK={3 * self.part_duration:.3f}")
             lines.append(f"#EXT-X-PART-INF:PART-TARGET={self.part_duration:.3f}")
         first = done[0].number if done else (open_[0].number if open_ else 0)
-        lines += [f"#EXT-X-MEDIA-SEQUENCE:{first}", "#EXT-X-INDEPENDENT-SEGMENTS", f'#EXT-X-MAP:URI="{INIT_NAME}"']
+        lines.append(f"#EXT-X-MEDIA-SEQUENCE:{first}")
+        gone = self._evicted_discontinuities + sum(
+            e.discontinuity for e in self._segments.values() if e.complete and e.number < first)
+        if gone or any(e.discontinuity for e in done + open_):
+            lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{gone}")
+        lines += ["#EXT-X-INDEPENDENT-SEGMENTS", f'#EXT-X-MAP:URI="{INIT_NAME}"']
         # Parts are listed for the segments of the last three target durations (rfc8216bis §4.4.4.9).
         part_horizon = (done[-1].start + done[-1].duration if done else 0) - 3 * self._max_extinf * scale
         for entry in done + open_:
+            if entry.discontinuity:
+                lines.append("#EXT-X-DISCONTINUITY")
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_date_time(self.wall_clock_origin + entry.start / scale)}")
             if ll and (not entry.complete or entry.start + entry.duration > part_horizon):
                 for p in entry.parts:
@@ -354,6 +373,7 @@ class Rendition:
         done = [n for n, e in self._segments.items() if e.complete]
         for number in done[: max(0, len(done) - self.window - self.keep_extra)]:
             entry = self._segments.pop(number)
+            self._evicted_discontinuities += entry.discontinuity
             for name in [segment_name(number)] + [segment_name(number, p.index) for p in entry.parts]:
                 self._files.pop(name, None)
                 if self.directory is not None:
@@ -455,11 +475,12 @@ def _timeline(rendition: Rendition) -> tuple[int, str]:
 
 
 def dash_manifest(video: Iterable[tuple[Rendition, Variant]], audio: tuple[Rendition, Audio] | None = None, *,
-                  now: Callable[[], float] = time.time, min_buffer: float = 2.0) -> str:
+                  now: Callable[[], float] = time.time, min_buffer: float = 2.0, base_url: str | None = None) -> str:
     """
     The DASH MPD of the same renditions: ``dynamic`` while live (``availabilityStartTime`` = media time 0),
     ``static`` once every rendition ended. ``$Number$`` is the HLS media sequence number, so
-    ``{name}/seg$Number$.m4s`` is the same file the HLS playlists list.
+    ``{name}/seg$Number$.m4s`` is the same file the HLS playlists list; ``base_url`` (a ``BaseURL``, e.g.
+    ``/hls/room/``) says where those files are when the MPD is served from elsewhere.
     """
     video = list(video)
     every = [r for r, _ in video] + ([audio[0]] if audio else [])
@@ -482,7 +503,10 @@ def dash_manifest(video: Iterable[tuple[Rendition, Variant]], audio: tuple[Rendi
                     f" timeShiftBufferDepth={quoteattr(_duration(window))}"
                     f" suggestedPresentationDelay={quoteattr(_duration(3 * seg))}")
     head.append(f' minBufferTime="{_duration(min_buffer)}">')
-    out = ["".join(head), '<Period id="0" start="PT0S">']
+    out = ["".join(head)]
+    if base_url is not None:
+        out.append(f"<BaseURL>{escape(base_url)}</BaseURL>")
+    out.append('<Period id="0" start="PT0S">')
 
     def representation(r: Rendition, attrs: str) -> str:
         start, timeline = _timeline(r)

@@ -30,6 +30,7 @@ import av
 
 from chorus.egress.depacketize import AccessUnit
 from chorus.egress.errors import EgressError
+from chorus.egress.fmp4 import aac_audio_specific_config
 from chorus.egress.h264 import NAL_PPS, NAL_SPS, join_annexb, nal_type, parse_sps, split_annexb
 from chorus.sfu.logs import PeerLogger
 
@@ -258,3 +259,109 @@ def list_recordings(folder: Path) -> list[RecordingInfo]:
             stat = path.stat()
             out.append(RecordingInfo(path.name, path, stat.st_size, probe_duration(path), stat.st_mtime))
     return sorted(out, key=lambda r: (r.modified, r.name))
+
+
+class CompositeRecorder:
+    """
+    A room composite → one fragmented MP4 with H.264 video and AAC audio (the composite ladder's top rung and
+    mix), muxed without further encoding. Crash-safe like :class:`TrackRecorder` (fragments of at most
+    ``fragment_seconds``, every packet flushed).
+
+    Lifecycle: *waiting* (for the first video key frame; audio before it is dropped) → *recording* → *closed*.
+    ``pts`` of the inputs are on the egress timeline (90 kHz video, 48 kHz audio since ``origin``); the file starts
+    at the first key frame (``chorus_start``).
+    """
+
+    def __init__(self, path: Path, *, origin: float, fragment_seconds: float = 1.0,
+                 log: PeerLogger | None = None) -> None:
+        if path.suffix.lower() != ".mp4":
+            raise EgressError("unsupported_codec", "a composite is recorded into MP4")
+        self.path = path
+        self.origin = origin
+        self.fragment_seconds = fragment_seconds
+        self.packets = 0
+        self.closed = False
+        self._log = (log or _log).bind(file=path.name, codec="h264+aac")
+        self._container: Any = None
+        self._video: Any = None
+        self._audio: Any = None
+        self._start = 0  # 90 kHz pts of the first key frame
+        self._last: dict[str, int] = {}
+
+    @property
+    def started(self) -> bool:
+        return self._container is not None
+
+    def write_video(self, data: bytes, pts: int, keyframe: bool) -> None:
+        """One H.264 Annex B access unit. :raises EgressError: ``io_error``, ``invalid_state`` after close."""
+        if self.closed:
+            raise EgressError("invalid_state", "recorder closed")
+        if self._container is None:
+            if not keyframe:
+                return
+            self._open(data, pts)
+        self._mux(self._video, "video", data, pts - self._start, 90000, keyframe)
+
+    def write_audio(self, data: bytes, pts: int) -> None:
+        """One raw AAC-LC frame (48 kHz stereo)."""
+        if self.closed:
+            raise EgressError("invalid_state", "recorder closed")
+        if self._container is None:
+            return
+        start = self._start * 48000 // 90000
+        if pts >= start:
+            self._mux(self._audio, "audio", data, pts - start, 48000, True)
+
+    def _open(self, data: bytes, pts: int) -> None:
+        sets = [n for n in split_annexb(data) if nal_type(n) in (NAL_SPS, NAL_PPS)]
+        sps = next((n for n in sets if nal_type(n) == NAL_SPS), None)
+        if sps is None:
+            raise EgressError("bad_input", "an H.264 key frame without a sequence parameter set")
+        info = parse_sps(sps)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            container = av.open(str(self.path), "w", format="mp4", container_options={"flush_packets": "1"},
+                                options={"movflags": "+frag_keyframe+empty_moov+default_base_moof+use_metadata_tags",
+                                         "frag_duration": str(int(self.fragment_seconds * 1_000_000))})
+        except (OSError, av.error.FFmpegError) as exc:
+            raise EgressError("io_error", f"cannot create {self.path}: {exc}") from exc
+        self._start = pts
+        container.metadata["chorus_origin"] = datetime.fromtimestamp(self.origin, UTC).isoformat()
+        container.metadata["chorus_start"] = datetime.fromtimestamp(self.origin + pts / 90000, UTC).isoformat()
+        video = container.add_stream("libx264")
+        video.codec_context.width, video.codec_context.height = info.width, info.height
+        video.codec_context.extradata = join_annexb(sets)
+        video.time_base = fractions.Fraction(1, 90000)
+        audio = container.add_stream("aac", rate=48000)
+        audio.codec_context.layout = "stereo"
+        audio.codec_context.extradata = aac_audio_specific_config(48000, 2)
+        audio.time_base = fractions.Fraction(1, 48000)
+        self._container, self._video, self._audio = container, video, audio
+        self._log.info("composite recording started", width=info.width, height=info.height)
+
+    def _mux(self, stream: Any, kind: str, data: bytes, pts: int, rate: int, keyframe: bool) -> None:
+        if pts <= self._last.get(kind, -1):
+            return
+        packet = av.Packet(data)
+        packet.pts = packet.dts = pts
+        packet.time_base = fractions.Fraction(1, rate)
+        packet.is_keyframe = keyframe
+        packet.stream = stream
+        try:
+            self._container.mux(packet)
+        except (OSError, av.error.FFmpegError) as exc:
+            raise EgressError("io_error", f"cannot write {self.path}: {exc}") from exc
+        self._last[kind] = pts
+        self.packets += 1
+
+    def close(self) -> None:
+        """Finalize the file. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._container is not None:
+            try:
+                self._container.close()
+            except (OSError, av.error.FFmpegError) as exc:
+                raise EgressError("io_error", f"cannot finalize {self.path}: {exc}") from exc
+            self._log.info("composite recording finished", packets=self.packets)
