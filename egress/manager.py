@@ -642,6 +642,8 @@ class EgressManager:
         self.store = RecordingStore(config.recordings, retention_days=config.retention_days)
         self.egresses: dict[str, Egress] = {}
         self.closed = False
+        #: The node drains: no new egresses; rooms that close will not reopen here.
+        self.draining = False
         #: Totals over every egress ever (metrics): started, ended by reason, failures by code.
         self.totals: dict[str, int] = {}
         self._emit = emit
@@ -671,7 +673,9 @@ class EgressManager:
         attached = [e for e in self.egresses.values() if e.room == room_id and not e.ended]
         for egress in attached:
             egress.detach()
-        if attached and not self.closed:
+        if attached and self.draining:  # it will not reopen on this node
+            self._grace_over(room_id)
+        elif attached and not self.closed:
             loop = asyncio.get_running_loop()
             self._grace[room_id] = loop.call_later(self.config.room_grace, self._grace_over, room_id)
 
@@ -698,8 +702,8 @@ class EgressManager:
         :raises EgressError: ``invalid_state`` (closing, or stopped while starting), ``limit_exceeded``,
             ``io_error``/``worker_failed`` (it could not start).
         """
-        if self.closed:
-            raise EgressError("invalid_state", "the server is shutting down")
+        if self.closed or self.draining:
+            raise EgressError("unavailable", "this server is shutting down and takes no new egress")
         running = [e for e in self.egresses.values() if not e.ended]
         if len(running) >= self.config.max_egresses:
             raise EgressError("limit_exceeded", f"at most {self.config.max_egresses} egresses run at once")
@@ -805,6 +809,21 @@ class EgressManager:
                 last_sweep = now
                 await asyncio.to_thread(self.store.sweep, now, busy=self.busy_folders())
             await asyncio.sleep(interval)
+
+    def drain(self) -> None:
+        """The node drains: refuse new egresses; an egress ends as its room closes (no waiting for it to reopen
+        here), one that waits for a room now ends at once (reason ``shutdown``)."""
+        if self.draining:
+            return
+        self.draining = True
+        for egress in list(self.egresses.values()):
+            if egress.state == "waiting":
+                self._spawn_stop(egress, "shutdown")
+
+    async def wait_ended(self, deadline: float) -> None:
+        """Return when every egress has ended, or at ``deadline`` (Unix time)."""
+        while any(not e.ended for e in self.egresses.values()) and time.time() < deadline:
+            await asyncio.sleep(0.1)
 
     async def close(self, reason: str = "shutdown") -> None:
         """End every egress (playlists get ``EXT-X-ENDLIST``, files are finalized). Idempotent."""

@@ -5,6 +5,7 @@ The admin REST API (see docs/admin-api.md). Every route needs ``Authorization: B
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from chorus.egress.errors import EgressError
+from chorus.egress.manager import EgressManager, EgressRequest
 from chorus.sfu import MODES, ChorusError, McuOptions
 
 from . import resources
@@ -31,9 +34,11 @@ ADMIN_DRAIN: web.AppKey[Callable[[float | None], dict[str, Any]]] = web.AppKey("
 #: The longest block the test-only hook accepts (seconds).
 MAX_BLOCK = 10.0
 ADMIN_SETTINGS = web.AppKey("admin_settings", Settings)
+ADMIN_EGRESS: web.AppKey[EgressManager | None] = web.AppKey("admin_egress")
 
-STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404, "invalid_state": 409,
-          "limit_exceeded": 429, "unavailable": 503}
+STATUS = {"bad_request": 400, "bad_input": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404,
+          "invalid_state": 409, "unsupported_codec": 415, "limit_exceeded": 429, "worker_failed": 502,
+          "unavailable": 503, "io_error": 507}
 
 
 def error(code: str, reason: str) -> web.Response:
@@ -269,6 +274,59 @@ async def process_stats(request: web.Request) -> web.Response:
     return web.json_response(resources.snapshot())
 
 
+def _egress(request: web.Request) -> EgressManager:
+    manager = request.app[ADMIN_EGRESS]
+    if manager is None:
+        raise EgressError("not_found", "egress is not enabled on this server")
+    return manager
+
+
+async def _json(request: web.Request) -> object:
+    try:
+        return await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise EgressError("bad_input", "the body must be JSON") from None
+
+
+async def start_egress(request: web.Request) -> web.Response:
+    """Start an HLS/DASH or recording egress: 201 with its description."""
+    egress = await _egress(request).start(EgressRequest.parse(await _json(request)))
+    return web.json_response(egress.describe(), status=201)
+
+
+async def list_egresses(request: web.Request) -> web.Response:
+    room = request.query.get("room")
+    return web.json_response({"egresses": _egress(request).describe(room)})
+
+
+async def get_egress(request: web.Request) -> web.Response:
+    return web.json_response(_egress(request).get(request.match_info["egress"]).describe())
+
+
+async def stop_egress(request: web.Request) -> web.Response:
+    """Stop an egress: answered once its files are final (playlists ended, recordings indexed)."""
+    egress = await _egress(request).stop(request.match_info["egress"])
+    return web.json_response(egress.describe())
+
+
+async def list_recordings(request: web.Request) -> web.Response:
+    manager = _egress(request)
+    room = request.query.get("room")
+    recordings = await asyncio.to_thread(manager.store.listing, room)
+    return web.json_response({"recordings": [r.public() for r in recordings]})
+
+
+async def delete_recording(request: web.Request) -> web.Response:
+    manager = _egress(request)
+    room, folder = request.match_info["room"], request.match_info["folder"]
+    name = request.match_info.get("name")
+    busy = {p.name for p in manager.busy_folders()}
+    if folder in busy:
+        raise EgressError("invalid_state", "that recording is still being written: stop its egress first")
+    deleted = manager.store.delete(room, folder, name)
+    return web.json_response({"deleted": deleted})
+
+
 def _no_drain(timeout: float | None) -> dict[str, Any]:
     raise web.HTTPNotImplemented(text="this server cannot drain\n")
 
@@ -276,7 +334,8 @@ def _no_drain(timeout: float | None) -> dict[str, Any]:
 def create_admin_app(registry: RoomRegistry, verify: Verify,
                      cluster: Callable[[], Cluster | None] = lambda: None, *,
                      drain: Callable[[float | None], dict[str, Any]] = _no_drain,
-                     debug_hooks: bool = False, settings: Settings | None = None) -> web.Application:
+                     debug_hooks: bool = False, settings: Settings | None = None,
+                     egress: EgressManager | None = None) -> web.Application:
     """The admin API as a sub-application, mounted at ``/api``."""
     app = web.Application(middlewares=[admin_auth, cluster_routing])
     app[ADMIN_REGISTRY] = registry
@@ -287,6 +346,14 @@ def create_admin_app(registry: RoomRegistry, verify: Verify,
     if debug_hooks:
         app.router.add_post("/debug/block", block_loop)
     app[ADMIN_SETTINGS] = settings or Settings()
+    app[ADMIN_EGRESS] = egress
+    app.router.add_post("/egress", start_egress)
+    app.router.add_get("/egress", list_egresses)
+    app.router.add_get("/egress/{egress}", get_egress)
+    app.router.add_delete("/egress/{egress}", stop_egress)
+    app.router.add_get("/recordings", list_recordings)
+    app.router.add_delete("/recordings/{room}/{folder}", delete_recording)
+    app.router.add_delete("/recordings/{room}/{folder}/{name}", delete_recording)
     app.router.add_get("/rooms", list_rooms)
     app.router.add_post("/rooms", create_room)
     app.router.add_post("/rooms/{room}/metadata", set_room_metadata)

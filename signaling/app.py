@@ -12,6 +12,8 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from chorus.egress.errors import EgressError
+from chorus.egress.manager import EgressConfig, EgressManager, parse_rungs
 from chorus.ingest import IngressManager
 from chorus.sfu import McuOptions, aiortc_adapter
 from chorus.sfu.tasks import Tasks
@@ -22,6 +24,7 @@ from .admin import create_admin_app
 from .cluster import Cluster
 from .config import Settings
 from .drain import Drain
+from .egress_http import EGRESS, add_routes
 from .ingress import add_admin_routes, build_manager
 from .limits import ConnectionLimiter, RateLimiter
 from .loophealth import LoopMonitor
@@ -309,6 +312,56 @@ async def drain_node(app: web.Application) -> None:
     drain.finished.set()
 
 
+def egress_config(settings: Settings) -> EgressConfig:
+    """The egress settings of ``settings``. :raises ConfigError: a malformed ``egress_ladder``."""
+    try:
+        rungs = parse_rungs(settings.egress_ladder)
+    except EgressError as exc:
+        raise ConfigError(f"egress_ladder: {exc.reason}") from None
+    return EgressConfig(
+        segment=settings.egress_segment_seconds, part=settings.egress_part_seconds,
+        window=settings.egress_window_segments, rungs=rungs, top_bitrate=settings.egress_top_kbps * 1000,
+        composite_width=settings.egress_composite_width & ~1, composite_height=settings.egress_composite_height & ~1,
+        composite_fps=settings.egress_composite_fps, recordings=settings.recordings_dir,
+        retention_days=settings.recordings_retention_days, output_dir=settings.egress_output_dir,
+        public=settings.egress_public, max_egresses=settings.egress_max, worker_nice=settings.egress_worker_nice,
+        room_grace=settings.egress_room_grace, keep_ended=settings.egress_keep_ended)
+
+
+async def egress_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Egresses follow rooms as they open and close. A drain (SIGTERM, ``POST /api/drain``) takes no new
+    egresses and holds until the running ones ended with their rooms; on shutdown every egress that is left ends
+    and finalizes its files (playlists get EXT-X-ENDLIST) before the rooms close."""
+    manager, registry = app[EGRESS], app[REGISTRY]
+
+    def opened(room: Room) -> None:
+        manager.room_opened(room.id, room.router, room.identity_of)
+
+    def closed(room: Room) -> None:
+        manager.room_closed(room.id)
+
+    def draining(deadline: float) -> None:
+        # No new egresses; each running one ends (files final) as its room closes; the drain waits for them.
+        manager.drain()
+
+        async def finalized() -> None:
+            with app[DRAIN].hold("egresses finalizing"):
+                await manager.wait_ended(deadline)
+
+        app[APP_TASKS].spawn(finalized(), name="drain: egresses")
+
+    registry.on_room_opened.append(opened)
+    registry.on_room_closed.append(closed)
+    app[DRAIN].subscribe(draining)
+    for room in registry.rooms.values():
+        opened(room)
+    tasks = Tasks("egress")
+    tasks.spawn(manager.run(), name="egress housekeeping")
+    yield
+    await manager.close("shutdown")
+    await tasks.close()
+
+
 async def close_websockets(app: web.Application) -> None:
     websockets = app[WEBSOCKETS]
     for ws in set(websockets):
@@ -345,8 +398,9 @@ def create_app(settings: Settings | None = None) -> web.Application:
         chat={"chat_history": settings.chat_history, "chat_rate": settings.chat_rate_per_peer,
               "chat_burst": settings.chat_burst_per_peer},
     )
+    egress = EgressManager(egress_config(settings), emit=app[WEBHOOKS].emit)
     app[JOIN_LIMITER] = RateLimiter(settings.join_rate_per_ip, settings.join_burst_per_ip)
-    metrics_.watch(app[REGISTRY])
+    metrics_.watch(app[REGISTRY], egress)
     app[WEBSOCKETS] = weakref.WeakSet()
     app[READY] = asyncio.Event()
     app[CLUSTER] = build_cluster(settings, app[REGISTRY]) if settings.redis_url else None
@@ -367,6 +421,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(app_tasks)
     webrtc_http.add_routes(app)
     app.cleanup_ctx.append(ingest_plane)
+    # Registered last: its cleanup (egresses end, files final, webhooks queued) runs first.
+    app.cleanup_ctx.append(egress_lifecycle)
     app.on_shutdown.append(close_websockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
@@ -375,12 +431,13 @@ def create_app(settings: Settings | None = None) -> web.Application:
     admin = create_admin_app(
         app[REGISTRY], token_verifier(settings), lambda: cluster,
         drain=lambda timeout: (start_drain(app, timeout), drain.describe())[1],
-        debug_hooks=settings.debug_hooks, settings=settings,
+        debug_hooks=settings.debug_hooks, settings=settings, egress=egress,
     )
     add_admin_routes(admin, lambda: ingress)
     app.add_subapp("/api", admin)
     app.router.add_get("/watch", watch_page)
     app.router.add_get("/broadcast", broadcast_page)
+    add_routes(app, egress, token_verifier(settings), lambda: _web_root(settings))
     app.router.add_get("/", index)
     app.router.add_static("/", _web_root(settings), show_index=False)
     return app

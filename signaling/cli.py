@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import ssl
 import sys
 import time
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingress.add_parser("list", parents=[common], help="every ingress and its state")
     revoke = ingress.add_parser("revoke", parents=[common], help="delete an ingress (a running stream ends)")
     revoke.add_argument("id", help="the ingress id (in_…)")
+    _add_egress_commands(commands)
     return parser
 
 
@@ -160,6 +162,95 @@ def describe_created(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _add_egress_commands(commands: Any) -> None:
+    egress = commands.add_parser("egress", help="HLS/DASH and recording egresses of a running server")
+    actions = egress.add_subparsers(dest="egress_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", help="the server's HTTP URL (default: public_url, else http://host:port)")
+    common.add_argument("--token", default=os.environ.get("CHORUS_ADMIN_TOKEN"),
+                        help="an admin token (default $CHORUS_ADMIN_TOKEN; minted from auth_secret when set)")
+    common.add_argument("--config", help="settings file (for auth_secret, host, port)")
+    start = actions.add_parser("start", parents=[common], help="start an egress; prints it as JSON")
+    start.add_argument("--room", required=True)
+    start.add_argument("--kind", choices=["hls", "record"], default="hls")
+    start.add_argument("--participant", help="one participant (identity or peer id); default: the whole room")
+    start.add_argument("--composite", action="store_true", help="the room composite (HLS default without "
+                       "--participant; for record: one MP4 instead of a file per track)")
+    start.add_argument("--low-latency", action="store_true", help="LL-HLS (partial segments)")
+    start.add_argument("--segment", type=float, help="segment length, seconds")
+    start.add_argument("--ladder", help="lower rungs, e.g. 360:800,180:250 (height:kbps)")
+    start.add_argument("--container", choices=["auto", "webm", "mp4", "mkv"], help="recording container")
+    start.add_argument("--audio", choices=["aac", "opus"], help="HLS audio: AAC (default) or Opus passed through")
+    start.add_argument("--public", action=argparse.BooleanOptionalAction, default=None,
+                       help="HLS readable without a token")
+    stop = actions.add_parser("stop", parents=[common], help="stop an egress (files are final when it returns)")
+    stop.add_argument("egress_id")
+    listing = actions.add_parser("list", parents=[common], help="list egresses")
+    listing.add_argument("--room")
+
+
+def _admin_request(args: argparse.Namespace, settings: Settings, method: str, path: str,
+                   body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """One admin API call, as ``chorus ingress`` makes them (an admin token minted from ``auth_secret`` unless
+    ``--token``; this machine's own server's certificate is not checked against its public name)."""
+    base = (args.server or public_http_url(settings)).rstrip("/")
+    context = ssl.create_default_context()
+    if not args.server:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    token = args.token
+    if token is None and settings.auth_secret is not None:
+        token = auth.create_token(settings.auth_secret, identity="chorus-cli", admin=True, ttl=300)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        # Long enough for a stop, which answers once the egress's files are final.
+        with urllib.request.urlopen(request, timeout=60, context=context) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"null")
+        except ValueError:
+            return exc.code, {"error": {"code": "http_error", "reason": str(exc)}}
+
+
+def egress_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``chorus egress start|stop|list``: talk to a running server's admin API; print its JSON answer."""
+    try:
+        if args.egress_command == "start":
+            body: dict[str, Any] = {"room": args.room, "kind": args.kind}
+            if args.participant:
+                body["participant"] = args.participant
+            if args.composite:
+                body["composite"] = True
+            if args.low_latency:
+                body["low_latency"] = True
+            if args.segment is not None:
+                body["segment"] = args.segment
+            if args.ladder:
+                body["ladder"] = [r for r in args.ladder.split(",") if r]
+            if args.container:
+                body["container"] = args.container
+            if args.audio:
+                body["audio"] = args.audio
+            if args.public is not None:
+                body["public"] = args.public
+            status, answer = _admin_request(args, settings, "POST", "/api/egress", body)
+        elif args.egress_command == "stop":
+            status, answer = _admin_request(args, settings, "DELETE", f"/api/egress/{args.egress_id}")
+        else:
+            query = f"?room={args.room}" if args.room else ""
+            status, answer = _admin_request(args, settings, "GET", f"/api/egress{query}")
+    except OSError as exc:
+        print(f"chorus: cannot reach the server: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 0 if status < 300 else 1
+
+
 def token_create(args: argparse.Namespace, settings: Settings) -> int:
     if settings.auth_secret is None:
         print("chorus: no auth_secret configured (set CHORUS_AUTH_SECRET)", file=sys.stderr)
@@ -225,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return token_create(args, settings)
     if args.command == "turn":
         return turn_cli.run(args, settings)
+    if args.command == "egress":
+        return egress_command(args, settings)
     if args.command == "health":
         return health(args, settings)
     if args.command == "ingress":

@@ -121,6 +121,32 @@ class Settings(BaseSettings):
     mcu_height: int = Field(480, ge=64, le=1080, description="Composite height of MCU rooms.")
     mcu_fps: int = Field(15, ge=1, le=30, description="Composite frame rate of MCU rooms.")
 
+    # --- egress: HLS/DASH and recordings (see docs/egress.md) --------------------------------------------
+    egress_segment_seconds: float = Field(2.0, ge=0.5, le=10.0, description="HLS/DASH segment length.")
+    egress_part_seconds: float = Field(0.25, ge=0.1, le=2.0, description="LL-HLS part length (egresses started "
+                                       "with low_latency).")
+    egress_window_segments: int = Field(6, ge=3, le=60, description="Segments listed in a live playlist.")
+    egress_ladder: list[str] = Field(default_factory=lambda: ["360:800", "180:250"],
+                                     description="Lower rungs as 'height:kbps' (the top rung is the source).")
+    egress_top_kbps: int = Field(2500, ge=100, le=50000, description="Bit rate of the top rung when it is "
+                                 "encoded (a VP8 publisher, a composite).")
+    egress_composite_width: int = Field(1280, ge=64, le=1920, description="Width of a room composite egress.")
+    egress_composite_height: int = Field(720, ge=64, le=1080, description="Height of a room composite egress.")
+    egress_composite_fps: int = Field(30, ge=1, le=30, description="Frame rate of a room composite egress.")
+    egress_output_dir: Path | None = Field(None, description="Also write every HLS/DASH file under this folder "
+                                           "({room}/{egress_id}/...), for an external web server or CDN origin.")
+    egress_public: bool = Field(False, description="HLS/DASH readable without a token unless an egress says "
+                                "otherwise (with auth off, everything is readable).")
+    egress_max: int = Field(8, ge=1, le=256, description="Egresses running at once at most.")
+    egress_worker_nice: int = Field(10, ge=0, le=19, description="Niceness added to egress worker processes, "
+                                    "so forwarding wins the CPU.")
+    egress_room_grace: float = Field(30.0, ge=0, le=3600, description="Seconds an egress waits for its room to "
+                                     "reopen (a publisher reconnecting) before it ends.")
+    egress_keep_ended: float = Field(600.0, ge=0, description="Seconds an ended egress stays listed and served.")
+    recordings_dir: Path = Field(Path("recordings"), description="Folder of recordings ({room}/{folder}/{file}).")
+    recordings_retention_days: float = Field(0.0, ge=0, description="Delete recordings older than this many "
+                                             "days (0: keep them).")
+
     # --- limits (one client must never hurt another) -----------------------------------------------------
     max_sdp_bytes: int = Field(64 * 1024, ge=1024, description="Largest SDP accepted.")
     max_sdp_lines: int = Field(2000, ge=20, description="Most lines in an SDP accepted.")

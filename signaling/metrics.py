@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from chorus.egress.manager import EgressManager
 from chorus.ingest import KINDS, IngressManager
 from chorus.sfu import stats
 
@@ -137,6 +138,43 @@ class IngressCollector(Collector):
         yield received
 
 
+class EgressCollector(Collector):
+    """Egresses (HLS/DASH, recordings): how many run by kind and state, bytes written, how they ended, and the
+    CPU their worker processes use."""
+
+    def __init__(self, manager: EgressManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        egresses = self._manager.find()
+        gauge = GaugeMetricFamily("chorus_egresses", "Egresses by kind and state", labels=["kind", "state"])
+        for kind in ("hls", "record"):
+            for state in ("starting", "waiting", "active", "ending"):
+                gauge.add_metric([kind, state], sum(1 for e in egresses if e.kind == kind and e.state == state))
+        yield gauge
+        yield CounterMetricFamily("chorus_egress_bytes", "Bytes written by egresses (segments, recordings)",
+                                  value=self._manager.bytes_written)
+        totals = self._manager.totals
+        yield CounterMetricFamily("chorus_egress_started", "Egresses started", value=totals.get("started", 0))
+        ended = CounterMetricFamily("chorus_egress_ended", "Egresses ended, by reason", labels=["reason"])
+        errors = CounterMetricFamily("chorus_egress_errors", "Egresses that failed, by error code", labels=["code"])
+        for key, value in totals.items():
+            if key.startswith("ended_"):
+                ended.add_metric([key.removeprefix("ended_")], value)
+            elif key.startswith("error_"):
+                errors.add_metric([key.removeprefix("error_")], value)
+        yield ended
+        yield errors
+        cpu = GaugeMetricFamily("chorus_egress_worker_cpu_percent",
+                                "CPU of running egress workers per stage, % of one core", labels=["egress", "stage"])
+        for egress in egresses:
+            ladder = getattr(egress, "ladder", None)
+            if ladder is not None and not egress.ended:
+                for stage in ladder.stats.cpu:
+                    cpu.add_metric([egress.id, stage], round(ladder.stats.percent_of_core(stage), 3))
+        yield cpu
+
+
 class Metrics:
     """The metrics of one Chorus app."""
 
@@ -152,9 +190,11 @@ class Metrics:
         self.webhooks = Counter("chorus_webhooks", "Webhook deliveries, by outcome", ["outcome"],
                                 registry=self.registry)
 
-    def watch(self, rooms: RoomRegistry) -> None:
-        """Report the media plane of ``rooms``."""
+    def watch(self, rooms: RoomRegistry, egress: EgressManager | None = None) -> None:
+        """Report the media plane of ``rooms`` (and the egresses of ``egress``)."""
         self.registry.register(MediaCollector(rooms))
+        if egress is not None:
+            self.registry.register(EgressCollector(egress))
 
     def watch_loop(self, monitor: LoopMonitor) -> None:
         """Report the event loop's lag."""

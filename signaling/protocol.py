@@ -11,10 +11,13 @@ import re
 from typing import Any
 
 from chorus.sfu.errors import ChorusError
+from chorus.sfu.ids import SAFE_NAME
 
 PROTOCOL_VERSION = 1
 MAX_ID = 2**53 - 1
-ROOM_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+#: Room names are safe path segments (rooms name HLS URLs and recording folders): never ``.``, ``..`` or a name
+#: starting with a dot, nothing that needs URL encoding (``chorus.sfu.ids.SAFE_NAME``).
+ROOM_RE = re.compile(rf"{SAFE_NAME.pattern}\Z")
 
 
 class ProtocolError(ChorusError):

@@ -107,6 +107,13 @@ class Room:
         self._quality_task: asyncio.Task[None] | None = None
         self._empty_timer: asyncio.Task[None] | None = None
 
+    def identity_of(self, peer_id: str) -> str:
+        """Who a participant is: its identity (token or join), else its peer id (what egresses follow)."""
+        for identity, holder in self.identities.items():
+            if holder == peer_id:
+                return identity
+        return peer_id
+
     def broadcast(self, method: str, data: dict[str, Any], *, exclude: str | None = None) -> None:
         for peer_id, session in list(self.sessions.items()):
             if peer_id != exclude:
@@ -395,8 +402,10 @@ class RoomRegistry:
         self.mcu_defaults = mcu_defaults
         #: Chat settings of new rooms: ``chat_history``, ``chat_rate``, ``chat_burst`` (see :class:`Room`).
         self.chat = chat or {}
-        #: called with each room that closes (the cluster releases its placement)
+        #: called with each room that closes (the cluster releases its placement, egresses detach)
         self.on_room_closed: list[Callable[[Room], None]] = []
+        #: called with each room that opens (egresses waiting for it attach)
+        self.on_room_opened: list[Callable[[Room], None]] = []
         self.max_rooms = max_rooms
         self.max_peers_per_room = max_peers_per_room
         self._emit: Emit = emit or (lambda event, data: None)
@@ -445,6 +454,8 @@ class RoomRegistry:
                                           mcu=mcu or self.mcu_defaults, **self.chat, **options)
         room.log.info("room created", mode=room.mode)
         self._emit("room_started", {"room": room_id})
+        for callback in self.on_room_opened:
+            callback(room)
         return room
 
     def _remove(self, room: Room) -> None:

@@ -196,7 +196,10 @@ class Session:
             raise ProtocolError("unsupported_version", f"protocol version {version!r} is not supported; use 1")
         if self._join_limiter is not None and not self._join_limiter.allow(self.remote):
             raise ProtocolError("rate_limited", "too many joins from your address; slow down")
-        room_id = get_str(data, "room", max_len=64, pattern=protocol.ROOM_RE)
+        room_id = get_str(data, "room", max_len=64)
+        if not protocol.ROOM_RE.match(room_id):
+            raise bad_request("'room' must be a safe path segment: 1-64 letters, digits, '_', '-' or '.', "
+                              "not starting with '.'")
         name = get_optional_str(data, "name", max_len=64) if data.get("name") != "" else None
         # The token is checked before anything is allocated for this participant.
         grants = self._verify_token(data.get("token"))

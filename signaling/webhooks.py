@@ -26,7 +26,8 @@ from .accesslog import redact_url
 logger = logging.getLogger("chorus.webhooks")
 
 EVENTS = ("room_started", "room_finished", "participant_joined", "participant_left", "track_published",
-          "node_draining", "node_drained", "ingress_started", "ingress_ended")
+          "node_draining", "node_drained", "ingress_started", "ingress_ended", "egress_started",
+          "egress_ended")
 RETRY_DELAYS = (0.5, 1.0, 2.0)
 MAX_QUEUED = 10_000
 
