@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"ramp figure: rounds, each publishing into every server (default {ramp.ROUNDS})")
     parser.add_argument("--ramp-duration", type=float, default=ramp.DURATION,
                         help=f"ramp figure: seconds observed after ICE connected (default {ramp.DURATION:g})")
+    parser.add_argument("--egress", choices=["hls", "hls-composite"],
+                        help="Chorus: also run an HLS egress (of the first publisher, or the room composite) during "
+                        "each measurement, to see what a ladder costs the calls")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="do not run: print the tables of an earlier result file")
@@ -78,7 +81,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     pin = not args.no_pin and cpus >= 2
     options = Options(duration=args.duration, settle=args.settle, ramp_timeout=args.ramp_timeout,
                       server_cpu=args.server_cpu if pin else None, gen_cpu=args.gen_cpu if pin else None,
-                      workers=max(1, args.workers), profile=args.profile)
+                      workers=max(1, args.workers), profile=args.profile, egress=args.egress)
     if args.output is not None:
         options.results_dir = args.output.parent
     if pin:

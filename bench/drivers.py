@@ -145,7 +145,7 @@ class ChorusParticipant(Participant):
     async def _join(self, *, timed: bool) -> None:
         await self.client.connect()
         self.join_started = time.time() if timed else None
-        await self.client.join(self.room, self.name)
+        await self.client.join(self.room, self.name, identity=self.name)
 
     async def publish(self, audio: bool, video: bool, *, receive: bool, simulcast: bool = False) -> None:
         self.receiving = receive

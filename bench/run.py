@@ -47,6 +47,9 @@ class Options:
     gen_cpu: int | None = 1
     workers: int = 4  # receiving worker processes (plus one for publishers)
     profile: bool = False
+    #: Chorus only: start an HLS egress of the first publisher (``hls``: passthrough or transcoded ladder, as its
+    #: codec allows) or of the room composite (``hls-composite``) after the ramp, to see what it costs others.
+    egress: str | None = None
     results_dir: Path = field(default_factory=lambda: ROOT / "bench" / "results")
 
 
@@ -160,6 +163,36 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def _admin(server: Server, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    base = server.url.replace("ws://", "http://").removesuffix("/ws")
+    request = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+
+async def _start_egress(kind: str, server: Server, room: str, options: Options, progress: Progress, label: str,
+                        result: dict[str, Any]) -> str | None:
+    if options.egress is None or kind != "chorus":
+        return None
+    body: dict[str, Any] = {"room": room, "kind": "hls"}
+    if options.egress == "hls":
+        body["participant"] = "p0"
+    started = await asyncio.to_thread(_admin, server, "POST", "/api/egress", body)
+    progress(f"{label}: egress {options.egress} started ({started['id']}, worker pid {started['worker']['pid']})")
+    result["notes"].append(f"with egress {options.egress}")
+    return str(started["id"])
+
+
+async def _stop_egress(server: Server, egress_id: str) -> dict[str, Any]:
+    described = await asyncio.to_thread(_admin, server, "GET", f"/api/egress/{egress_id}")
+    await asyncio.to_thread(_admin, server, "DELETE", f"/api/egress/{egress_id}")
+    return {"mode": described["mode"], "worker_cpu_percent": described["worker"]["cpu_percent"],
+            "frames_dropped": described["worker"]["frames_dropped"],
+            "renditions": [(r["name"], r["width"], r["height"], r["segments"]) for r in described["renditions"]]}
+
+
 def _round(x: float | None, digits: int = 2) -> float | None:
     return None if x is None else round(x, digits)
 
@@ -253,6 +286,7 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
     result["ramp_s"] = round(time.monotonic() - t0, 2)
     result["tracks_ready"] = ready
     progress(f"{label}: ramp {ready}/{expected} tracks in {result['ramp_s']:.1f} s; settling {options.settle:g} s")
+    egress_id = await _start_egress(kind, server, room, options, progress, label, result)
     await asyncio.sleep(options.settle)
 
     # The measurement window.
@@ -290,6 +324,8 @@ async def _load(kind: str, scenario: Scenario, server: Server, options: Options,
         except Exception as exc:  # noqa: BLE001
             result["notes"].append(f"profile failed: {exc}")
     await tasks.close()
+    if egress_id is not None:
+        result["egress"] = await _stop_egress(server, egress_id)
 
     # Figures.
     tracks = [t for c in collected for t in c["tracks"]]

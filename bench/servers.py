@@ -158,7 +158,7 @@ def start_chorus(cpu: int | None, logdir: Path) -> Server:
                            "--port", str(port)], cpu)
     env = {
         **os.environ,
-        "CHORUS_LOG_LEVEL": "warning",
+        "CHORUS_LOG_LEVEL": os.environ.get("CHORUS_BENCH_LOG_LEVEL", "warning"),
         "CHORUS_DEV_MODE": "1",
         # Every generator client comes from 127.0.0.1: lift the per-address join and connection limits, and
         # room size.
