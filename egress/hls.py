@@ -155,6 +155,8 @@ class HlsOutput:
         self._published: list[str] | None = None  # rendition names in the manifests, fixed once live
         self._nominal = {r.name: r.bitrate for r in settings.rungs}
         self._nominal[TOP] = settings.top_bitrate
+        if mode == "composite":
+            self._audio_rendition()  # a composite always has sound (silence while nobody speaks)
 
     # -- what the egress feeds
 
@@ -183,6 +185,10 @@ class HlsOutput:
         if not self._audio_seen:
             self._audio_seen = True
             self._audio_channels = opus_channels(unit.data)  # the worker reads the same first packet
+            try:
+                self._audio_rendition()
+            except EgressError as exc:
+                self._fail(exc)
         if self.settings.audio == "opus" and self.mode != "composite":
             try:
                 self._audio_frame(EncodedFrame(AUDIO, unit.data, unit.pts, True))
@@ -285,7 +291,9 @@ class HlsOutput:
 
     # -- audio
 
-    def _audio_frame(self, frame: EncodedFrame) -> None:
+    def _audio_rendition(self) -> Rendition:
+        """The audio rendition, made as soon as the audio is known (before its first segment, so that the master
+        playlist lists it even while a busy worker is late with the AAC)."""
         state = self._audio
         if state.rendition is None:
             channels = 2 if self.mode == "composite" else self._audio_channels
@@ -294,21 +302,26 @@ class HlsOutput:
             else:
                 track = Track.aac(AUDIO_CLOCK, channels, bitrate=aac_bitrate(channels))
             state.rendition = self._rendition(AUDIO, track)
+        return state.rendition
+
+    def _audio_frame(self, frame: EncodedFrame) -> None:
+        state = self._audio
+        rendition = self._audio_rendition()
         cut = self._audio_cut(frame.pts)
         if state.fragmenter is not None and state.last_pts is not None and \
                 frame.pts - state.last_pts > GAP * AUDIO_CLOCK:
-            self._add_events(state.rendition, state.fragmenter.finish())
+            self._add_events(rendition, state.fragmenter.finish())
             state.fragmenter = None
-            state.rendition.discontinuity()
+            rendition.discontinuity()
         sample = Sample(frame.data, frame.pts, True)
         if state.fragmenter is None:
             if cut is None:
                 return  # audio starts at a video cut
-            state.fragmenter = Fragmenter(state.rendition.track, segment_duration=self.settings.segment,
+            state.fragmenter = Fragmenter(rendition.track, segment_duration=self.settings.segment,
                                           part_duration=self.settings.part, first_segment=cut, log=self._log)
             state.fragmenter.push(sample)
         else:
-            self._add_events(state.rendition, state.fragmenter.push(sample, boundary=cut is not None, segment=cut))
+            self._add_events(rendition, state.fragmenter.push(sample, boundary=cut is not None, segment=cut))
         state.last_pts = frame.pts
 
     def _audio_cut(self, pts: int) -> int | None:
@@ -380,6 +393,8 @@ class HlsOutput:
         if top is None or not top.rendition.segments:
             return None
         have = {name for name, r in self.renditions.items() if r.segments}
+        if self._audio.rendition is not None:
+            have.add(AUDIO)  # listed from the start: its segments come (a worker under load may be late)
         expected = self._expected()
         audio_wanted = self._audio_seen or self.mode == "composite"
         complete = all(n in have for n in expected) and (not audio_wanted or AUDIO in have)

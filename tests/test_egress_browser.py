@@ -145,9 +145,14 @@ async def test_capture_to_playback_latency(server: ServerProcess, clients: list[
     # The top rung (the publisher's own pictures) from the start, for a sharp clock.
     pages = {name: await open_page(browser, f"{base}/live?room={room_name}&egress={egress_id}&quality=max")
              for name, egress_id in ids.items()}
-    for page in pages.values():
-        await wait_until(page, "window.live && live.hls && live.hls.levels.length > 1 && "
-                               "live.video.currentTime > 0.5", 40)
+    for name, page in pages.items():
+        try:
+            await wait_until(page, "window.live && live.hls && live.hls.levels.length > 1 && "
+                                   "live.video.currentTime > 0.5", 60)
+        except AssertionError:
+            _, described = await api(base, "GET", f"/api/egress/{ids[name]}")
+            raise AssertionError(f"{name} did not play: {await page.evaluate('window.live && live.stats()')}, "
+                                 f"egress {described}") from None
     await asyncio.sleep(5)  # let both players settle at their target latency
     results = await asyncio.gather(*(measure_latency(page, 12) for page in pages.values()))
     figures = {}

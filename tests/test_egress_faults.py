@@ -163,3 +163,49 @@ async def test_the_cli_talks_to_a_running_server(server: ServerProcess, room_nam
     assert code == 0 and stopped["state"] == "ended" and stopped["reason"] == "stopped"
     code, refused = await asyncio.to_thread(chorus, "start", "--room", "../x", "--kind", "hls")
     assert code == 1 and refused["error"]["code"] == "bad_input"  # type: ignore[index]
+
+
+@pytest.mark.timeout(90)
+async def test_a_drain_ends_egresses_with_their_rooms(tmp_path: Path, room_name: str) -> None:
+    """A draining node takes no new egress, ends the running ones as their rooms close (playlists end, files
+    final, a webhook each) and exits once they have."""
+    hooks = await WebhookReceiver().start()
+    server = ServerProcess(tmp_path, env={"CHORUS_RECORDINGS_DIR": str(tmp_path / "rec"),
+                                          "CHORUS_EGRESS_OUTPUT_DIR": str(tmp_path / "www"),
+                                          "CHORUS_WEBHOOK_URLS": json.dumps([hooks.url])})
+    clients: list[ChorusClient] = []
+    try:
+        base = server.http_url
+        ids = []
+        for body in ({"room": room_name, "kind": "record"},
+                     {"room": room_name, "kind": "hls", "participant": "pub", "ladder": [], "public": True}):
+            status, egress = await api(base, "POST", "/api/egress", body)
+            assert status == 201, egress
+            ids.append(egress["id"])
+        publisher = await connect(server, clients)
+        await publisher.join(room_name, "pub", identity="pub")
+        await publisher.publish(SineTrack(440), EncodedVideoTrack(encode_vp8_clip(frames=60)), video_codec="video/VP8")
+
+        async def segments() -> bool:
+            _, described = await api(base, "GET", f"/api/egress/{ids[1]}")
+            return any(r["segments"] for r in described["renditions"])
+
+        await wait_for(segments, 30)
+        status, _ = await api(base, "POST", "/api/drain", {"timeout": 3})
+        assert status == 202
+        status, refused = await api(base, "POST", "/api/egress", {"room": room_name, "kind": "record"})
+        assert status == 503 and refused["error"]["code"] == "unavailable", refused
+        ended = await wait_for(lambda: len(hooks.named("egress_ended")) >= 2 and hooks.named("egress_ended"), 30)
+        assert {e["egress"]["id"] for e in ended} == set(ids) and all(e["error"] is None for e in ended), ended
+        await wait_for(lambda: server.proc.poll() is not None, 30)  # the drained node exits by itself
+        assert server.proc.returncode == 0
+    finally:
+        for client in clients:
+            await client.close()
+        server.stop()
+        await hooks.stop()
+    playlist = tmp_path / "www" / room_name / ids[1] / "source" / "index.m3u8"
+    assert playlist.read_text().rstrip().endswith("#EXT-X-ENDLIST")
+    recordings = sorted((tmp_path / "rec" / room_name).glob("*/*.webm"))
+    assert len(recordings) == 2 and all(p.stat().st_size > 1000 for p in recordings)
+    assert "Traceback" not in server.log()
