@@ -54,7 +54,7 @@ async def test_ladder_read_by_ffmpeg_through_hls_and_dash(server: ServerProcess,
         return min(counts) if len(counts) == 3 else 0
 
     async def enough() -> bool:
-        return await segments() >= 6
+        return await segments() >= 4  # after the stop, the window holds them all: >= 5 s per rung
 
     await wait_for(enough, 40, interval=0.5)
 
