@@ -250,7 +250,7 @@ class HlsOutput:
             self._next_cut = max((unit.pts // seg + 1) * seg, unit.pts + seg // 2)
         self._last_input = unit.pts
         self.ladder.push_video(unit.data, unit.pts, keyframe=unit.keyframe, force_keyframe=force,
-                               codec="vp8" if codec == "vp8" else "h264")
+                               codec="vp8" if codec == "vp8" else "h264", encode_top=True)
 
     def _cut(self, pts: int, number: int) -> None:
         self._cuts.add(pts, number)

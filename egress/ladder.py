@@ -61,6 +61,7 @@ _AUDIO = 0x02  # input: an Opus packet
 _END = 0x04  # input: flush and exit
 _VP8 = 0x08  # input: the video frame is VP8 (else H.264)
 _GONE = 0x10  # input: composite source ``index`` ended
+_TOP = 0x20  # input: encode the rungs at the source size too (an H.264 frame whose top rung is not passed through)
 AUDIO_INDEX = 254
 STATS_INDEX = 255
 VIDEO_CLOCK = 90000
@@ -254,7 +255,7 @@ class Ladder:
         return False
 
     def push_video(self, data: bytes, pts: int, *, keyframe: bool, force_keyframe: bool = False,
-                   codec: Codec | None = None, source_index: int = 0) -> bool:
+                   codec: Codec | None = None, source_index: int = 0, encode_top: bool | None = None) -> bool:
         """
         Queue one source access unit (H.264 Annex B or a VP8 frame) with its 90 kHz pts.
 
@@ -262,6 +263,8 @@ class Ladder:
         :param force_keyframe: make every rung an IDR here anyway (a segment boundary of a VP8 source).
         :param codec: the frame's codec, when not the ladder's ``source``.
         :param source_index: which participant, in a composite.
+        :param encode_top: encode the rungs at the source size (default: unless the frame is H.264, whose top rung
+            passes through); with it, IDRs go where ``force_keyframe`` says, as for VP8.
         :returns: ``False`` if it was dropped (worker behind, failed or closed).
         """
         if not self.running:
@@ -272,8 +275,10 @@ class Ladder:
         codec = codec or self.source
         first = source_index not in self._started_sources
         self._started_sources.add(source_index)
-        force = (keyframe if codec == "h264" else force_keyframe or first) and self.composite is None
-        self._write(data, pts, (_KEY if force else 0) | (_VP8 if codec == "vp8" else 0), source_index)
+        top = codec != "h264" if encode_top is None else encode_top
+        force = (force_keyframe or first if top else keyframe) and self.composite is None
+        self._write(data, pts, (_KEY if force else 0) | (_VP8 if codec == "vp8" else 0) | (_TOP if top else 0),
+                    source_index)
         self.stats.frames_in += 1
         return True
 
@@ -512,6 +517,7 @@ class _Worker:
         self.audio_decoder: Any = None
         self.aac: _Aac | None = None
         self.forced: set[int] = set()
+        self.top = False  # the last frame's rungs at the source size were encoded too
         self.first_pts: int | None = None
         self.last_pts = 0
 
@@ -546,7 +552,7 @@ class _Worker:
         except av.error.FFmpegError:
             return []
 
-    def video(self, data: bytes, pts: int, force: bool, codec: str, index: int = 0) -> None:
+    def video(self, data: bytes, pts: int, force: bool, codec: str, index: int = 0, top: bool = False) -> None:
         t = time.process_time()
         if force:
             self.forced.add(pts)
@@ -559,7 +565,8 @@ class _Worker:
             frame_pts = int(frame.pts)
             force_here = frame_pts in self.forced
             self.forced.discard(frame_pts)
-            self.rungs.encode(frame, frame_pts, force_here, t, top=codec != "h264")
+            self.rungs.encode(frame, frame_pts, force_here, t, top=top)
+            self.top = top
             t = time.process_time()
 
     def _decode_audio(self, decoder: Any, data: bytes, pts: int) -> list[Any]:
@@ -593,7 +600,7 @@ class _Worker:
         if self.decoder is not None:
             try:
                 for frame in self.decoder.decode(None):
-                    self.rungs.encode(frame, int(frame.pts), False, t, top=self.decoder_codec != "h264")
+                    self.rungs.encode(frame, int(frame.pts), False, t, top=self.top)
             except self.av.error.FFmpegError:
                 pass
         self.rungs.flush()
@@ -653,7 +660,7 @@ class _CompositeWorker(_Worker):
         self.sources.pop(index, None)
         self.tiles.pop(index, None)
 
-    def video(self, data: bytes, pts: int, force: bool, codec: str, index: int = 0) -> None:
+    def video(self, data: bytes, pts: int, force: bool, codec: str, index: int = 0, top: bool = True) -> None:
         t = time.process_time()
         source = self._source(index)
         if source.decoder is None or source.codec != codec:
@@ -820,7 +827,8 @@ def worker_main(argv: list[str]) -> int:
             elif flags & _AUDIO:
                 worker.audio(data, pts, index)
             else:
-                worker.video(data, pts, bool(flags & _KEY), "vp8" if flags & _VP8 else "h264", index)
+                codec = "vp8" if flags & _VP8 else "h264"
+                worker.video(data, pts, bool(flags & _KEY), codec, index, bool(flags & _TOP))
         if isinstance(worker, _CompositeWorker):
             worker.run_due()
         if time.monotonic() - last_stats > 1.0:

@@ -4,7 +4,13 @@
 const params = new URLSearchParams(location.search);
 const room = params.get("room") || "";
 const egress = params.get("egress");
-const token = params.get("token");
+// A token is kept for this tab and taken out of the address bar (it would otherwise be shared with the URL).
+const token = params.get("token") || sessionStorage.getItem(`chorus-live-token-${room}`);
+if (params.has("token")) {
+  sessionStorage.setItem(`chorus-live-token-${room}`, params.get("token"));
+  params.delete("token");
+  history.replaceState(null, "", `${location.pathname}?${params}`);
+}
 const video = document.getElementById("player");
 const quality = document.getElementById("quality");
 const status = document.getElementById("status");
