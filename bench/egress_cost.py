@@ -1,9 +1,10 @@
 """
 ``python -m chorus.bench.egress_cost``: what HTTP egress costs (docs/performance.md, "Egress").
 
-1. **Passthrough HLS per stream.** N rooms, each with one publisher of pre-encoded H.264 640x480 and Opus (the
-   publishers never encode). The server's CPU is measured for a window without egress, then with one HLS egress
-   per room and no lower rungs (the publisher's H.264 is the only video rung; its Opus becomes AAC in the worker):
+1. **Passthrough HLS per stream.** N rooms, each with one publisher of pre-encoded H.264 640x480 and mono Opus, as
+   a WebRTC camera and microphone send (the publishers never encode). The server's CPU is measured for a window
+   without egress, then with one HLS egress per room and no lower rungs (the publisher's H.264 is the only video
+   rung; its Opus becomes AAC in the worker, or with ``audio: opus`` is passed through too):
    the cost per stream is the server's extra CPU plus the workers' CPU, divided by N.
 2. **Each transcoded rung, per input.** One egress with the default ladder (360p, 180p) on a 640x480 and on a
    1280x720 H.264 publisher (top rung passed through), and on a 640x480 VP8 publisher (every rung encoded): the
@@ -112,6 +113,48 @@ class H264ClipTrack(MediaStreamTrack):
         return packet
 
 
+def encode_mono_opus(seconds: float = 4.0) -> list[bytes]:
+    """Speech-like mono Opus (a call's microphone): a tone with a syllable rhythm, 20 ms packets, 32 kbit/s."""
+    ctx = av.CodecContext.create("libopus", "w")
+    ctx.sample_rate, ctx.layout, ctx.format, ctx.bit_rate = 48000, "mono", "s16", 32000
+    ctx.time_base = fractions.Fraction(1, 48000)
+    packets: list[bytes] = []
+    for i in range(int(seconds * 50)):
+        t = (np.arange(960) + i * 960) / 48000
+        tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
+        frame = av.AudioFrame.from_ndarray((tone * 32767).astype(np.int16).reshape(1, -1), format="s16",
+                                           layout="mono")
+        frame.sample_rate, frame.pts = 48000, i * 960
+        packets += [bytes(p) for p in ctx.encode(frame)]
+    return packets
+
+
+class OpusClipTrack(MediaStreamTrack):
+    """Pre-encoded Opus packets in real time (the publisher never encodes)."""
+
+    kind = "audio"
+
+    def __init__(self, packets: list[bytes]) -> None:
+        super().__init__()
+        self.packets = packets
+        self._n = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.time()
+        wait = self._start + self._n * 0.02 - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        packet = av.Packet(self.packets[self._n % len(self.packets)])
+        packet.pts = self._n * 960
+        packet.time_base = fractions.Fraction(1, 48000)
+        self._n += 1
+        return packet
+
+
 def admin(base: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     request = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
                                      headers={"Content-Type": "application/json"})
@@ -119,12 +162,12 @@ def admin(base: str, method: str, path: str, body: dict[str, Any] | None = None)
         return json.loads(response.read())
 
 
-async def publish(ws_url: str, room: str, video: MediaStreamTrack, codec: str) -> ChorusClient:
+async def publish(ws_url: str, room: str, video: MediaStreamTrack, codec: str,
+                  audio: MediaStreamTrack | None = None) -> ChorusClient:
     client = ChorusClient(ws_url, decode=False)
     await client.connect()
     await client.join(room, "pub", identity="pub")
-    clip = load_clip()
-    await client.publish(ClipAudioTrack(clip), video, video_codec=codec)
+    await client.publish(audio or ClipAudioTrack(load_clip()), video, video_codec=codec)
     for transceiver in client.publish_pc.getTransceivers() if client.publish_pc else []:
         if transceiver.sender.track is video and hasattr(video, "sender"):
             video.sender = transceiver.sender
@@ -165,8 +208,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # 1. Passthrough HLS per stream.
         packets, keys = encode_h264(640, 480)
         rooms = [f"cost-{i}" for i in range(args.streams)]
-        for room in rooms:
-            clients.append(await publish(server.url, room, H264ClipTrack(packets, keys), "video/H264"))
+        mono = encode_mono_opus()
+        for room in rooms:  # H.264 640x480 and mono Opus, as a WebRTC camera and microphone send
+            clients.append(await publish(server.url, room, H264ClipTrack(packets, keys), "video/H264",
+                                         OpusClipTrack(mono)))
         await asyncio.sleep(3)
         results["passthrough"] = {}
         for audio in ("aac", "opus"):
@@ -223,7 +268,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["| passthrough HLS, H.264 640x480 (% of a core per stream) | event loop | worker | total |",
+    lines = ["| passthrough HLS, H.264 640x480 + mono Opus (% of a core per stream) | event loop | worker | total |",
              "| --- | --- | --- | --- |"]
     for audio, p in results["passthrough"].items():
         lines.append(f"| audio {audio} ({results['streams']} streams) | {p['event_loop_percent_per_stream']:.2f} | "

@@ -67,6 +67,8 @@ STATS_INDEX = 255
 VIDEO_CLOCK = 90000
 AUDIO_CLOCK = 48000
 AAC_BITRATE = 96_000
+#: Opus packets are handed to the worker at most this late (seconds), in batches (see :meth:`Ladder.push_audio`).
+AUDIO_BATCH = 0.06
 
 
 def aac_bitrate(channels: int) -> int:
@@ -201,6 +203,8 @@ class Ladder:
         self._started_sources: set[int] = set()
         self._closing = False
         self._done = asyncio.Event()
+        self._audio_batch = bytearray()
+        self._audio_flush: asyncio.TimerHandle | None = None
         self._ready = asyncio.Event()  # set at the worker's first report, or when it ended
         self._reported = False
 
@@ -283,11 +287,25 @@ class Ladder:
         return True
 
     def push_audio(self, data: bytes, pts: int, source_index: int = 0) -> bool:
-        """Queue one Opus packet with its 48 kHz pts. :returns: ``False`` if dropped."""
+        """
+        Queue one Opus packet with its 48 kHz pts. Audio is handed to the worker in batches of up to
+        :data:`AUDIO_BATCH` seconds (or with the next video frame): a third of the wake-ups for both processes, for
+        at most that much delay. :returns: ``False`` if dropped.
+        """
         if not self.running or not self.audio:
             return False
-        self._write(data, pts, _AUDIO, source_index)
+        self._audio_batch += _IN.pack(len(data), max(0, pts), _AUDIO, source_index) + data
+        if self._audio_flush is None:
+            self._audio_flush = asyncio.get_running_loop().call_later(AUDIO_BATCH, self._flush_audio)
         return True
+
+    def _flush_audio(self) -> None:
+        if self._audio_flush is not None:
+            self._audio_flush.cancel()
+            self._audio_flush = None
+        if self._audio_batch and self.running:
+            batch, self._audio_batch = bytes(self._audio_batch), bytearray()
+            self._send(batch)
 
     def source_ended(self, source_index: int) -> None:
         """A composite's participant (video or audio of ``source_index``) ended: its tile and voice go."""
@@ -297,9 +315,13 @@ class Ladder:
             self._write(b"", 0, _GONE, source_index)
 
     def _write(self, data: bytes, pts: int, flags: int, index: int) -> None:
+        self._flush_audio()  # in order
+        self._send(_IN.pack(len(data), max(0, pts), flags, index) + data)
+
+    def _send(self, message: bytes) -> None:
         assert self._process is not None and self._process.stdin is not None
         try:
-            self._process.stdin.write(_IN.pack(len(data), max(0, pts), flags, index) + data)
+            self._process.stdin.write(message)
         except (ConnectionError, RuntimeError) as exc:
             self._fail(f"cannot write to the ladder worker: {exc}")
 
@@ -309,6 +331,7 @@ class Ladder:
         Idempotent. A worker that does not finish within ``timeout`` is killed.
         """
         process = self._process
+        self._flush_audio()
         if process is None or self._closing:
             self._closing = True
             await self._tasks.close()
