@@ -153,7 +153,7 @@ async def test_the_cli_talks_to_a_running_server(server: ServerProcess, room_nam
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """``chorus egress start|list|stop`` (its ``main``, run here rather than in three more Python processes)."""
     def chorus(*args: str) -> tuple[int, dict[str, object]]:
-        code = cli.main(["egress", *args, "--url", server.http_url])
+        code = cli.main(["egress", *args, "--server", server.http_url])
         return code, json.loads(capsys.readouterr().out)
 
     code, started = await asyncio.to_thread(chorus, "start", "--room", room_name, "--kind", "record")
