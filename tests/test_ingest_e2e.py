@@ -164,8 +164,11 @@ async def test_rtmp_with_b_frames_plays_in_chromium(env: IngestServer, browser: 
     finally:
         await kill(proc)
     await env.until(created["id"], lambda d: d["state"] == "idle", 5)
+    deadline = time.monotonic() + 5  # webhooks are delivered after the state changes, by their own task
+    while not any(e["event"] == "ingress_ended" for e in hooks.events(room)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
     events = [e["event"] for e in hooks.events(room)]
-    assert "ingress_started" in events and "ingress_ended" in events
+    assert "ingress_started" in events and "ingress_ended" in events, events
     assert not page.errors  # type: ignore[attr-defined]
     await page.context.close()  # type: ignore[attr-defined]
 
