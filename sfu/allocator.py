@@ -13,8 +13,9 @@ temporal layer, with what it costs), cut to the size at which the viewer shows i
 
 :class:`Hysteresis` keeps the choice steady on a sawtooth estimate: a consumer goes *down* once it has been
 over its share for :data:`DOWN_AFTER` (or at once when far over), and *up* only after the budget has shown
-:data:`UP_HEADROOM` above the next option for :data:`UP_AFTER`; an upgrade that had to be undone soon after
-doubles the wait before the next one (up to :data:`MAX_BACKOFF`).
+:data:`UP_HEADROOM` above the next option for :data:`UP_AFTER` (at once when the viewer has just asked for a
+larger size and the budget shows that headroom over it, or :data:`UP_NOW` over the best option); an upgrade
+that had to be undone soon after doubles the wait before the next one (up to :data:`MAX_BACKOFF`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class Hysteresis:
     last_up: float = -1e9
     backoff: float = 2.0
     blocked_until: float = 0.0
+    #: How many options the consumer had at the last allocation (more now: the viewer asked for a larger size).
+    options: int = 0
 
 
 @dataclass(slots=True)
@@ -126,6 +129,7 @@ def allocate(budget_bps: int, audio_bps: int, candidates: list[Candidate], memor
     for c in live:
         memo = memory.setdefault(c.id, Hysteresis())
         target = chosen[c.id]
+        grew, memo.options = len(c.options) > memo.options > 0, len(c.options)
         current = c.current if c.current is not None and c.current < len(c.options) else None
         if current is None:
             # Nothing sent yet, or what is sent is no longer an option (the viewer shrank the tile, the layer
@@ -152,7 +156,8 @@ def allocate(budget_bps: int, audio_bps: int, candidates: list[Candidate], memor
             if memo.headroom_since is None:
                 memo.headroom_since = now
             headroom = video_budget >= UP_HEADROOM * fits
-            if video_budget >= UP_NOW * spent and now >= memo.blocked_until:
+            if (video_budget >= UP_NOW * spent or grew and video_budget >= UP_HEADROOM * spent) \
+                    and now >= memo.blocked_until:
                 index, reason = target, "size: up"
                 memo.last_up = now
             elif headroom and now - memo.headroom_since >= UP_AFTER and now >= memo.blocked_until:

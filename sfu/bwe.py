@@ -34,7 +34,7 @@ Going up faster than 8 %/s takes **probing**: :meth:`SendSideBwe.poll_probe` tel
 probe cluster (padding or RTX at a given rate for ~40 ms, every packet tagged with the cluster id); the rate
 at which the cluster was received (:class:`ProbeEstimator`) lifts the estimate at once. Probes are sent
 while the caller wants more than the estimate (:meth:`SendSideBwe.set_demand`): the first at 3 ×, then at
-2 × the estimate right after each success; after a failure 1 s later, the wait doubling up to 5 s.
+2 × the estimate right after each success; after a failure 1 s later, the wait doubling up to 3 s.
 
 Lying inputs are clamped: the estimate stays within ``min_bps``..``max_bps`` (30 kbps..50 Mbps) and below
 twice the measured throughput (acknowledged, or sent in REMB-only mode), a recent probe result or the start
@@ -561,7 +561,7 @@ class ProbeController:
     When to probe (after libwebrtc ``ProbeController``, driven by demand instead of ALR detection): only while
     the caller wants more than 1.05 × the estimate and the last second had no congestion. First probe at 3 ×
     the estimate; after a success (the estimate reached 70 % of the target) the next at 2 × at once; after a
-    failure wait ``interval_us`` (1 s, doubling up to 5 s) and try 2 × the estimate again. Targets never
+    failure wait ``interval_us`` (1 s, doubling up to 3 s) and try 2 × the estimate again. Targets never
     exceed 1.25 × demand.
     """
 
@@ -569,7 +569,7 @@ class ProbeController:
     MIN_PACKETS = 5
     TIMEOUT_US = 1_000_000
     MIN_INTERVAL_US = 1_000_000
-    MAX_INTERVAL_US = 5_000_000
+    MAX_INTERVAL_US = 3_000_000
     SUCCESS = 0.7
 
     __slots__ = ("demand_bps", "interval_us", "in_flight", "_next_id", "_next_time", "_started", "_probed")
@@ -750,6 +750,7 @@ class SendSideBwe:
         self._probe_estimator = ProbeEstimator()
         self._throughput = AckedThroughput()
         self._estimate = float(start_bps)
+        self._published = float(start_bps)  # the last estimate published (see :meth:`_publish`)
         # transport seq (unwrapped) → (send time, size, cluster id or 0, 1 once reported lost)
         self._sent: dict[int, tuple[int, int, int, int]] = {}
         self._oldest_sent = 0
@@ -942,6 +943,13 @@ class SendSideBwe:
         else:
             aimd.update(usage, acked, now_us)
             state = "increase" if aimd.state == INCREASE else "hold"
+        if probe_result is not None and self.loss.cap_bps is not None and probe_result > self.loss.cap_bps \
+                and self.loss.loss_fraction < LossBasedControl.HIGH:
+            # The link just carried the probe's rate: the loss cap (which only creeps up 8 %/s after a sudden
+            # drop in capacity) need not stay below it.
+            self.loss.cap_bps = probe_result
+            if state == "hold":
+                state = "increase: probe"
         if probe_result is not None and cluster is not None:
             self.probe_bps = int(probe_result)
             self._probe_time = now_us
@@ -978,11 +986,16 @@ class SendSideBwe:
             allowance = max(2.0 * measured, float(self.start_bps))
             if self.probe_bps is not None and now_us - self._probe_time < self.PROBE_VALID_US:
                 allowance = max(allowance, float(self.probe_bps))
-            if estimate > allowance:
-                estimate = allowance
-                if self._twcc and self.aimd.bitrate > allowance:
-                    self.aimd.bitrate = allowance  # keep the controller honest too
+            # The throughput caps how far the estimate may *grow*; sending less than it (a viewer who shrank a
+            # tile: application-limited) never lowers a transport-cc estimate (libwebrtc caps AIMD increases only),
+            # or it would be gone by the time the viewer wants the larger layer back. REMB follows the receiver.
+            ceiling = max(allowance, self._published) if self._twcc else allowance
+            if estimate > ceiling:
+                estimate = ceiling
+                if self._twcc and self.aimd.bitrate > ceiling:
+                    self.aimd.bitrate = ceiling  # keep the controller honest too
         self._estimate = min(max(estimate, float(self.min_bps)), float(self.max_bps))
+        self._published = self._estimate
 
     def _forget(self, now_us: int) -> None:
         """Drop send records older than :attr:`HISTORY_US` (their feedback is not coming any more)."""

@@ -82,3 +82,19 @@ def test_capped_viewer_goes_down_within_seconds_and_comes_back(buffer_bytes: int
     back = next(t for t, _, o, _ in series if t >= 40 and o.layer == 2)
     assert back - 40 <= 15
 
+
+
+def test_a_larger_tile_is_served_at_once_and_a_rising_budget_waits() -> None:
+    """The viewer enlarging a tile gets the larger layer in the same allocation when the budget covers it with
+    headroom; the same budget reached by a rising estimate (options unchanged) waits for the hysteresis."""
+    layers = [Option(0, 2, 150_000), Option(1, 2, 500_000), Option(2, 2, 1_200_000)]
+    memory: dict[str, Hysteresis] = {}
+    small = allocate(2_000_000, AUDIO_BPS, [Candidate("v", 0, layers[:1], None)], memory, 0.0)
+    assert small.decisions["v"].index == 0
+    grown = allocate(2_000_000, AUDIO_BPS, [Candidate("v", 0, layers, 0)], memory, 0.25)
+    assert grown.decisions["v"].index == 2 and grown.decisions["v"].reason == "size: up"
+
+    memory = {}
+    allocate(600_000, AUDIO_BPS, [Candidate("v", 0, layers, None)], memory, 0.0)
+    rising = allocate(2_000_000, AUDIO_BPS, [Candidate("v", 0, layers, 1)], memory, 0.25)
+    assert rising.decisions["v"].index == 1 and rising.decisions["v"].reason == "bandwidth: waiting"

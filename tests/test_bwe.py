@@ -220,6 +220,21 @@ def test_probe_clusters_are_bounded_by_demand() -> None:
 # --- REMB-only and lying inputs ------------------------------------------------------------------------
 
 
+def test_sending_less_keeps_the_estimate() -> None:
+    """A viewer who shrinks its tiles (demand far below the estimate, application-limited) keeps the estimate it
+    had, so the larger layers come back at once; it only stops growing."""
+    link = Link(5e6, 20 * MS, 60_000)
+    sim = Simulation(SendSideBwe(), link, demand_bps=2_000_000)
+    sim.run_until(8_000 * MS)
+    before = sim.samples[-1].estimate
+    assert before >= 2_000_000
+    sim.demand_bps = 150_000
+    sim.bwe.set_demand(150_000)
+    sim.run_until(16_000 * MS)
+    small = [s.estimate for s in sim.window(8_500 * MS, 16_000 * MS)]
+    assert min(small) >= 0.95 * before and max(small) <= 1.05 * before
+
+
 def send_steady(bwe: SendSideBwe, bps: int, start_us: int, end_us: int, seq: int = 0) -> int:
     for t in range(start_us, end_us, 10_000):
         bwe.on_packet_sent(seq & 0xFFFF, bps // 800, t)
