@@ -161,7 +161,15 @@ async def test_capped_subscriber_gets_a_lower_layer_and_hurts_no_one(tmp_path: A
                 row["P_target"] = round(sum(o["target"] for o in out) / 1000)
                 row["P_limit"] = sorted({o["limit"] for o in out})
                 series.append(row)
-                if phase == "before" and t >= 5:
+                for part in room_state(server, room_name)["participants"]:
+                    if part["name"] in ("U", "C"):  # the server's view: estimate, its state, the layer and why
+                        bw = part["subscribe"]["bandwidth"]
+                        con = next(c for c in part["subscribe"]["consumers"] if c["kind"] == "video")
+                        row[part["name"] + "_server"] = (round(bw["estimate_bps"] / 1000), bw["state"],
+                                                         con["layer"], con["temporal"], con["reason"])
+                warm = len(series) >= 3 and all(r[v]["fps"] >= 25 and r[v]["height"] == 720
+                                               for r in series[-3:] for v in ("U", "C"))
+                if phase == "before" and (warm or t >= 30):  # the cap falls on a call in its steady state
                     netns.shape(down_kbit=300)
                     phase, capped_at = "capped", t
                 elif phase == "capped" and t - capped_at >= 25:
@@ -181,8 +189,10 @@ async def test_capped_subscriber_gets_a_lower_layer_and_hurts_no_one(tmp_path: A
     # C: at 180 p within 8 s of the cap, then decoding steadily.
     low = next((r["t"] - capped_at for r in rows("capped") if 0 < r["C"]["height"] <= 180), None)
     assert low is not None and low <= 8, f"C reached 180 p after {low} s"
-    steady = [r for r in rows("capped") if r["t"] - capped_at > low]
-    assert steady and min(r["C"]["fps"] for r in steady) >= 15, [r["C"] for r in steady]
+    steady = [r for r in rows("capped") if r["t"] - capped_at > low + 2]  # past the switch's own second or two
+    # ≥ 15 fps: every two seconds (a one-second count jitters by a frame around the 15 fps temporal layer).
+    pairs = [(a["C"]["fps"] + b["C"]["fps"]) / 2 for a, b in zip(steady, steady[1:], strict=False)]
+    assert pairs and min(pairs) >= 14.5, [r["C"] for r in steady]
     freeze = steady[-1]["C_raw"]["freeze_s"] - steady[0]["C_raw"]["freeze_s"]
     assert freeze < 1.0, f"C froze {freeze:.1f} s while capped"
     audio = steady[-1]["C_raw"]
@@ -190,7 +200,8 @@ async def test_capped_subscriber_gets_a_lower_layer_and_hurts_no_one(tmp_path: A
     concealed = (audio["concealed"] - first["concealed"]) / max(1, audio["samples"] - first["samples"])
     assert concealed < 0.05, f"C's audio concealment {concealed:.1%}"
     # U: untouched by C's trouble.
-    assert all(r["U"]["fps"] >= 25 and r["U"]["height"] == 720 for r in series[1:]), [r["U"] for r in series]
+    after = rows("capped") + rows("lifted")
+    assert all(r["U"]["fps"] >= 25 and r["U"]["height"] == 720 for r in after), [r["U"] for r in series]
     before = max(r["P_target"] for r in rows("before"))
     assert min(r["P_target"] for r in rows("capped")) >= 0.8 * before, [r["P_target"] for r in series]
     # C back at 720 p within 15 s of lifting, without a burst.
