@@ -528,13 +528,17 @@ class ProbeEstimator:
         if entry is not None:
             entry[1].append((send_us, arrival_us, size))
 
-    def result(self, cluster_id: int, min_packets: int) -> float | None:
-        """The cluster's rate once enough of it is acknowledged, else ``None``."""
+    def result(self, cluster_id: int, min_packets: int, min_bytes: int = 0) -> float | None:
+        """The cluster's rate once enough of it is acknowledged, else ``None``. ``min_bytes``: what the whole
+        cluster carries; 80 % of it must be acknowledged too (as libwebrtc's ``kMinReceivedBytesRatio``), or
+        feedback arriving while the cluster is still being sent would measure its first few packets only."""
         entry = self._clusters.get(cluster_id)
         if entry is None:
             return None
         sent, acked = entry[0][0], entry[1]
         if len(acked) < max(min_packets, 2) * self.MIN_ACKED or len(acked) < sent * self.MIN_ACKED:
+            return None
+        if sum(p[2] for p in acked) < min_bytes * self.MIN_ACKED:
             return None
         by_send = sorted(acked)
         send_interval = by_send[-1][0] - by_send[0][0]
@@ -572,12 +576,16 @@ class ProbeController:
     MAX_INTERVAL_US = 3_000_000
     SUCCESS = 0.7
 
-    __slots__ = ("demand_bps", "interval_us", "in_flight", "_next_id", "_next_time", "_started", "_probed")
+    __slots__ = ("demand_bps", "interval_us", "in_flight", "sent", "succeeded", "_next_id", "_next_time",
+                 "_started", "_probed")
 
     def __init__(self) -> None:
         self.demand_bps = 0
         self.interval_us = self.MIN_INTERVAL_US
         self.in_flight: ProbeCluster | None = None
+        #: Clusters started, and those that reached 70 % of their rate (diagnostics).
+        self.sent = 0
+        self.succeeded = 0
         self._next_id = 1
         self._next_time = 0
         self._started = 0
@@ -596,6 +604,7 @@ class ProbeController:
         cluster = ProbeCluster(self._next_id, int(target), self.DURATION_US, self.MIN_PACKETS)
         self._next_id += 1
         self.in_flight = cluster
+        self.sent += 1
         self._started = now_us
         self._probed = True
         return cluster
@@ -611,6 +620,7 @@ class ProbeController:
         if cluster is None:
             return
         if estimate_bps >= self.SUCCESS * cluster.bitrate_bps:
+            self.succeeded += 1
             self.interval_us = self.MIN_INTERVAL_US
             self._next_time = now_us  # exponential: go on at once
         else:
@@ -922,7 +932,7 @@ class SendSideBwe:
         cluster = self.probes.in_flight
         probe_result = None
         if cluster is not None:
-            probe_result = self._probe_estimator.result(cluster.cluster_id, cluster.min_packets)
+            probe_result = self._probe_estimator.result(cluster.cluster_id, cluster.min_packets, cluster.bytes)
             if probe_result is not None:
                 # Never more than the cluster was sent at: lying feedback cannot lift the estimate further.
                 probe_result = min(probe_result, float(cluster.bitrate_bps))

@@ -237,7 +237,7 @@ class SubscribeTransport(Transport):
                 self._log.error("allocation failed", exc_info=True)
             if self.bandwidth.transport_cc and (self._probing is None or self._probing.done()):
                 due = self.bandwidth.padding_due(self.bandwidth.bwe.sent_bps or 0)
-                if due:
+                if due or self.bandwidth.probing:  # a cluster just started: spread it over its 40 ms
                     self._probing = self._tasks.spawn(self._probe(due), name=f"probe {self.peer_id}")
 
     def allocate(self) -> None:
@@ -308,7 +308,9 @@ class SubscribeTransport(Transport):
                               if self.bandwidth.mode != "none" else None, "state": self.bandwidth.state,
                               "used_bps": self.used_bps, "wanted_bps": self.wanted_bps,
                               "loss": round(bwe.loss_fraction, 3),
-                              "rtt_ms": None if bwe.rtt_us is None else round(bwe.rtt_us / 1000, 1)},
+                              "rtt_ms": None if bwe.rtt_us is None else round(bwe.rtt_us / 1000, 1),
+                              "probes": {"sent": bwe.probes.sent, "succeeded": bwe.probes.succeeded,
+                                         "last_bps": bwe.probe_bps}},
                 "consumers": [c.describe() for c in self.consumers.values()]}
 
     # --- closing ---------------------------------------------------------------------------------------

@@ -166,7 +166,8 @@ async def test_capped_subscriber_gets_a_lower_layer_and_hurts_no_one(tmp_path: A
                         bw = part["subscribe"]["bandwidth"]
                         con = next(c for c in part["subscribe"]["consumers"] if c["kind"] == "video")
                         row[part["name"] + "_server"] = (round(bw["estimate_bps"] / 1000), bw["state"],
-                                                         con["layer"], con["temporal"], con["reason"])
+                                                         con["layer"], con["temporal"], con["reason"],
+                                                         bw["probes"])
                 warm = len(series) >= 3 and all(r[v]["fps"] >= 25 and r[v]["height"] == 720
                                                for r in series[-3:] for v in ("U", "C"))
                 if phase == "before" and (warm or t >= 30):  # the cap falls on a call in its steady state

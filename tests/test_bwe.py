@@ -137,6 +137,20 @@ def test_probe_estimator_needs_80_percent_and_rejects_implausible() -> None:
     assert probes.result(3, 5) is None
 
 
+def test_probe_estimator_waits_for_the_cluster_bytes() -> None:
+    """Feedback that arrives while a 10 kB cluster is still being sent (4 packets so far, all acknowledged) is
+    no result: four packets of a cluster say nothing of its rate."""
+    probes = ProbeEstimator()
+    for i in range(4):
+        probes.on_sent(4)
+        probes.on_acked(4, 10_000 * i, 50_000 + 10_000 * i, 1000)
+    assert probes.result(4, 5, 10_000) is None and probes.result(4, 3, 0) is not None
+    for i in range(4, 10):
+        probes.on_sent(4)
+        probes.on_acked(4, 10_000 * i, 50_000 + 10_000 * i, 1000)
+    assert probes.result(4, 5, 10_000) == pytest.approx(9 * 1000 * 8e6 / 90_000)
+
+
 # --- a simulated bottleneck ---------------------------------------------------------------------------
 
 
