@@ -75,7 +75,8 @@ soak: install system-deps
 	  tests/test_soak_call.py
 
 # Chorus against Janus (and aiortc's MediaRelay) under the same load, side by side, then a Chromium publisher's
-# ramp-up into each: ~8 minutes.
+# ramp-up into each (~10 minutes); then what ingest (RTMP → browser glass-to-glass, CPU per ingested stream) and
+# HTTP egress (passthrough HLS, ladder rungs) cost (~4 minutes). BENCH_ARGS go to the first.
 # gcc builds a tiny preload library that makes Janus gather candidates on loopback only.
 BENCH_PACKAGES := janus gcc libc6-dev
 bench-deps:
@@ -84,8 +85,10 @@ bench-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi
 
-bench: install bench-deps
+bench: install bench-deps system-deps
 	$(PY) -m chorus.bench $(BENCH_ARGS)
+	$(PY) -m chorus.bench.ingest
+	$(PY) -m chorus.bench.egress_cost
 
 # ruff over everything, mypy --strict on the server packages, the import contracts of pyproject.toml.
 lint: install
