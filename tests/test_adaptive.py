@@ -113,9 +113,10 @@ async def test_capped_subscriber_gets_a_lower_layer_and_hurts_no_one(tmp_path: A
                                                                       room_name: str) -> None:
     """
     Publisher P and viewer U on this host, viewer C in a network namespace. C's downlink is capped at 300 kbit/s
-    mid-call: C moves to the 180 p layer within 8 s and keeps decoding (≥ 15 fps, no stall of a second, audio
-    concealment under 5 %); U keeps ≥ 25 fps at 720 p and P's target does not drop; the cap lifted, C is back
-    at 720 p within 15 s without a burst of stale media.
+    mid-call (``tc tbf`` with a 2000-byte bucket: a link; a policer with a large bucket lets 40-ms probe clusters
+    through at line rate, which no estimator can tell from capacity): C moves to the 180 p layer within 8 s and
+    keeps decoding (≥ 15 fps, no stall of a second, audio concealment under 5 %); U keeps ≥ 25 fps at 720 p and
+    P's target does not drop; the cap lifted, C is back at 720 p within 15 s without a burst of stale media.
     """
     server = ServerProcess(tmp_path, host=netns.host_ip,
                            env={"CHORUS_ICE_HOST_ADDRESSES": json.dumps([netns.host_ip])})
@@ -171,7 +172,7 @@ async def test_capped_subscriber_gets_a_lower_layer_and_hurts_no_one(tmp_path: A
                 warm = len(series) >= 3 and all(r[v]["fps"] >= 25 and r[v]["height"] == 720
                                                for r in series[-3:] for v in ("U", "C"))
                 if phase == "before" and (warm or t >= 30):  # the cap falls on a call in its steady state
-                    netns.shape(down_kbit=300)
+                    netns.shape(down_kbit=300, burst_bytes=2000)  # a link, not a policer with a large bucket
                     phase, capped_at = "capped", t
                 elif phase == "capped" and t - capped_at >= 25:
                     netns.shape(down_kbit=None)
