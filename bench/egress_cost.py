@@ -33,12 +33,10 @@ from typing import Any
 import av
 import numpy as np
 from aiortc import MediaStreamTrack
-from aiortc.mediastreams import MediaStreamError
 
-from chorus.sfu import aiortc_adapter
 from chorus.signaling.client import ChorusClient
 
-from .media import ClipAudioTrack, ClipVideoTrack, load_clip
+from .media import ClipAudioTrack, ClipVideoTrack, PacedTrack, load_clip
 from .servers import ROOT, process_cpu_seconds, start_chorus
 
 FPS = 30
@@ -80,38 +78,14 @@ def encode_h264(width: int, height: int, seconds: float = 4.0, kbps: int = 1200)
     return packets, keys
 
 
-class H264ClipTrack(MediaStreamTrack):
+class H264ClipTrack(PacedTrack):
     """Pre-encoded H.264 in real time; a keyframe request skips to the clip's next key frame, as an encoder would
     answer one with an IDR."""
 
     kind = "video"
 
     def __init__(self, packets: list[bytes], keys: list[int]) -> None:
-        super().__init__()
-        self.packets, self.keys = packets, keys
-        self.sender: Any = None
-        self._n = 0
-        self._offset = 0
-        self._start: float | None = None
-
-    async def recv(self) -> av.Packet:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.time()
-        wait = self._start + self._n / FPS - time.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        size = len(self.packets)
-        if self.sender is not None and aiortc_adapter.take_keyframe_request(self.sender):
-            index = (self._n + self._offset) % size
-            if index not in self.keys:
-                self._offset += next((k for k in self.keys if k > index), self.keys[0] + size) - index
-        packet = av.Packet(self.packets[(self._n + self._offset) % size])
-        packet.pts = self._n * (90000 // FPS)
-        packet.time_base = fractions.Fraction(1, 90000)
-        self._n += 1
-        return packet
+        super().__init__(packets, FPS, fractions.Fraction(1, 90000), 90000 // FPS, keyframes=keys)
 
 
 def encode_mono_opus(seconds: float = 4.0) -> list[bytes]:
@@ -130,30 +104,13 @@ def encode_mono_opus(seconds: float = 4.0) -> list[bytes]:
     return packets
 
 
-class OpusClipTrack(MediaStreamTrack):
-    """Pre-encoded Opus packets in real time (the publisher never encodes)."""
+class OpusClipTrack(PacedTrack):
+    """Pre-encoded Opus packets in real time, 20 ms each (the publisher never encodes)."""
 
     kind = "audio"
 
     def __init__(self, packets: list[bytes]) -> None:
-        super().__init__()
-        self.packets = packets
-        self._n = 0
-        self._start: float | None = None
-
-    async def recv(self) -> av.Packet:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.time()
-        wait = self._start + self._n * 0.02 - time.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        packet = av.Packet(self.packets[self._n % len(self.packets)])
-        packet.pts = self._n * 960
-        packet.time_base = fractions.Fraction(1, 48000)
-        self._n += 1
-        return packet
+        super().__init__(packets, 50, fractions.Fraction(1, 48000), 960)
 
 
 def admin(base: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

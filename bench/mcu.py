@@ -36,6 +36,8 @@ from chorus.sfu import aiortc_adapter
 from chorus.sfu.tasks import Tasks
 from chorus.signaling.client import ChorusClient
 
+from .media import PacedTrack
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 VIDEO_FPS = 30
@@ -72,30 +74,13 @@ def encode_clip(width: int, height: int, seconds: int = 2) -> list[bytes]:
     return frames
 
 
-class ClipTrack(MediaStreamTrack):
+class ClipTrack(PacedTrack):
     """Sends the pre-encoded clip in real time (aiortc packetizes it without encoding), looping."""
 
     kind = "video"
 
     def __init__(self, frames: list[bytes]) -> None:
-        super().__init__()
-        self._frames = frames
-        self._n = 0
-        self._start: float | None = None
-
-    async def recv(self) -> av.Packet:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.time()
-        wait = self._start + self._n / VIDEO_FPS - time.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        packet = av.Packet(self._frames[self._n % len(self._frames)])
-        packet.pts = self._n
-        packet.time_base = fractions.Fraction(1, VIDEO_FPS)
-        self._n += 1
-        return packet
+        super().__init__(frames, VIDEO_FPS, fractions.Fraction(1, VIDEO_FPS), 1)
 
 
 class ToneTrack(AudioStreamTrack):

@@ -313,11 +313,17 @@ def read_trailer(data: bytes) -> float | None:
     return send_time if magic == MAGIC else None
 
 
-class _PacedTrack(MediaStreamTrack):
-    """Returns pre-encoded packets in real time with monotonically increasing pts, stamped with send time."""
+class PacedTrack(MediaStreamTrack):
+    """
+    Returns pre-encoded packets in real time, looping, with monotonically increasing pts (subclasses stamp them
+    with the send time in :meth:`_tag`). Given ``keyframes`` (the indices of the key frames among ``packets``),
+    it answers keyframe requests (PLI/FIR) as a real encoder does: aiortc's sender records them in a flag meant
+    for its encoder, which this track reads (set :attr:`sender` once the track is added) and answers by skipping
+    ahead to the next key frame.
+    """
 
     def __init__(self, packets: list[bytes], rate: float, time_base: fractions.Fraction, pts_step: int,
-                 start: float | None = None) -> None:
+                 start: float | None = None, keyframes: list[int] | None = None) -> None:
         super().__init__()
         self._packets = packets
         self._rate = rate
@@ -326,10 +332,23 @@ class _PacedTrack(MediaStreamTrack):
         self._n = 0
         self._offset = 0
         self._start = start
+        self._keyframes = sorted(keyframes or [])
         self.sent = 0
+        self.sender: Any = None
+        self.keyframes_forced = 0
 
     def _tag(self, data: bytes, now: float) -> bytes:
-        raise NotImplementedError
+        return data
+
+    def _answer_keyframe_request(self) -> None:
+        if not self._keyframes or self.sender is None or not aiortc_adapter.take_keyframe_request(self.sender):
+            return
+        size = len(self._packets)
+        index = (self._n + self._offset) % size
+        if index not in self._keyframes:
+            following = next((k for k in self._keyframes if k > index), self._keyframes[0] + size)
+            self._offset += following - index
+            self.keyframes_forced += 1
 
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
@@ -339,6 +358,7 @@ class _PacedTrack(MediaStreamTrack):
         wait = self._start + self._n / self._rate - time.time()
         if wait > 0:
             await asyncio.sleep(wait)
+        self._answer_keyframe_request()
         packet = av.Packet(self._tag(self._packets[(self._n + self._offset) % len(self._packets)], time.time()))
         packet.pts = self._n * self._pts_step
         packet.time_base = self._time_base
@@ -347,36 +367,19 @@ class _PacedTrack(MediaStreamTrack):
         return packet
 
 
-class ClipVideoTrack(_PacedTrack):
-    """
-    The VP8 clip. Like a real encoder it answers keyframe requests (PLI/FIR): aiortc's sender records them
-    in a flag meant for its encoder, which this track reads (set :attr:`sender` once the track is added)
-    and answers by skipping ahead to the clip's next keyframe.
-    """
+class ClipVideoTrack(PacedTrack):
+    """The VP8 clip, stamped with send times, answering keyframe requests (see :class:`PacedTrack`)."""
 
     kind = "video"
 
     def __init__(self, clip: Clip) -> None:
-        super().__init__(clip.video, VIDEO_FPS, fractions.Fraction(1, VIDEO_FPS), 1)
-        self.sender: Any = None
-        self.keyframes_forced = 0
-        self._keyframes = sorted(clip.keyframes) or [0]
-        self._offset = 0
+        super().__init__(clip.video, VIDEO_FPS, fractions.Fraction(1, VIDEO_FPS), 1, keyframes=clip.keyframes or [0])
 
     def _tag(self, data: bytes, now: float) -> bytes:
-        sender = self.sender
-        if sender is not None and aiortc_adapter.take_keyframe_request(sender):
-            size = len(self._packets)
-            index = (self._n + self._offset) % size
-            if index not in self._keyframes:
-                following = next((k for k in self._keyframes if k > index), self._keyframes[0] + size)
-                self._offset += following - index
-                self.keyframes_forced += 1
-                data = self._packets[(self._n + self._offset) % size]
         return tag_vp8(data, now)
 
 
-class ClipAudioTrack(_PacedTrack):
+class ClipAudioTrack(PacedTrack):
     kind = "audio"
 
     def __init__(self, clip: Clip) -> None:
