@@ -36,9 +36,11 @@ at which the cluster was received (:class:`ProbeEstimator`) lifts the estimate a
 while the caller wants more than the estimate (:meth:`SendSideBwe.set_demand`): the first at 3 ×, then at
 2 × the estimate right after each success; after a failure 1 s later, the wait doubling up to 3 s.
 
-Lying inputs are clamped: the estimate stays within ``min_bps``..``max_bps`` (30 kbps..50 Mbps) and below
-twice the measured throughput (acknowledged, or sent in REMB-only mode), a recent probe result or the start
-rate, whichever is highest; probe results never exceed the rate the cluster was *sent* at.
+Lying inputs are clamped: the estimate stays within ``min_bps``..``max_bps`` (30 kbps..50 Mbps) and never
+grows above twice the measured throughput (acknowledged, or sent in REMB-only mode), a recent probe result or
+the start rate, whichever is highest (with transport-cc, sending less keeps the estimate where it was: it only
+stops it growing; in REMB-only mode it is lowered to that too); probe results never exceed the rate the cluster
+was *sent* at. Probe clusters count once 80 % of their packets and of their bytes are acknowledged.
 
 Units: times are integer microseconds on the caller's monotonic clock (``time.monotonic_ns() // 1000``),
 except feedback arrival times, which are on the remote clock (only their differences are used); rates are
@@ -985,7 +987,7 @@ class SendSideBwe:
         self.probes.backoff(now_us)
 
     def _publish(self, now_us: int) -> None:
-        """Clamp: bounds, REMB cap, and ~2 × measured throughput (or the start rate, or a recent probe)."""
+        """Clamp: bounds, REMB cap, and growth to ~2 × measured throughput (or the start rate, or a recent probe)."""
         estimate = self._estimate
         if self._twcc and self.remb_bps is not None and self.remb_bps < estimate:
             estimate = float(self.remb_bps)
