@@ -4,10 +4,11 @@
 // window.chorusPage, and wait for window.chorusReady.
 import { RoomClient } from './chorus-client.js';
 import { GAP, gridLayout, speakerLayout } from './layout.js';
+import { takeToken } from './token.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const token = takeToken(params);
+const token = takeToken(params, params.get('room') || '');
 const TOP_LAYER_HEIGHT = 2160; // what a pinned or speaker tile asks for: the best layer there is
 
 let client = null;
@@ -28,18 +29,6 @@ const STATUS_TEXT = {
   failed: 'connection lost',
 };
 
-// A room token in the address (?token=...) must not stay in the address bar, the history or bookmarks: it
-// is taken out at once and kept for this tab only (a reload joins again with it).
-function takeToken(query) {
-  const key = `chorus-token:${query.get('room') || ''}`;
-  const fromUrl = query.get('token');
-  if (fromUrl) {
-    sessionStorage.setItem(key, fromUrl);
-    query.delete('token');
-    history.replaceState(null, '', `${location.pathname}${query.size ? `?${query}` : ''}${location.hash}`);
-  }
-  return fromUrl || sessionStorage.getItem(key) || undefined;
-}
 
 function setStatus(state, text = STATUS_TEXT[state] || state) {
   $('status').textContent = text;

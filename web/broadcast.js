@@ -1,7 +1,8 @@
 // A WHIP publisher: /broadcast?room=R&name=N (or &token=T: a room token with the publish grant, or an ingress
 // stream key) sends the camera and microphone into the room over WHIP. Stop DELETEs the session. Tests use
 // window.broadcast.
-import { WebRtcHttpSession, takeToken } from './whip-client.js';
+import { takeToken } from './token.js';
+import { WebRtcHttpSession } from './whip-client.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);

@@ -1,16 +1,12 @@
 // The Chorus live viewer: /live?room=R[&egress=ID][&token=T][&quality=auto|max|HEIGHT]. Plays the room's HLS
 // egress with hls.js (vendored), offers a quality menu (auto and each rung) and shows the live latency.
 // window.live exposes the player to tests: live.hls, live.video, live.stats().
+import { takeToken } from "./token.js";
+
 const params = new URLSearchParams(location.search);
 const room = params.get("room") || "";
 const egress = params.get("egress");
-// A token is kept for this tab and taken out of the address bar (it would otherwise be shared with the URL).
-const token = params.get("token") || sessionStorage.getItem(`chorus-live-token-${room}`);
-if (params.has("token")) {
-  sessionStorage.setItem(`chorus-live-token-${room}`, params.get("token"));
-  params.delete("token");
-  history.replaceState(null, "", `${location.pathname}?${params}`);
-}
+const token = takeToken(params, `live:${room}`);
 const video = document.getElementById("player");
 const quality = document.getElementById("quality");
 const status = document.getElementById("status");

@@ -1,7 +1,8 @@
 // The WHEP player: /watch?room=R (&participant=P to pick someone, &token=T with a subscribe grant). Plays one
 // video and one audio track of the room; while nothing is live it asks again after Retry-After; when the
 // stream ends it starts over. Tests read window.watch.pc.
-import { HttpSessionError, WebRtcHttpSession, takeToken } from './whip-client.js';
+import { takeToken } from './token.js';
+import { HttpSessionError, WebRtcHttpSession } from './whip-client.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
