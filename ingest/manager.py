@@ -98,8 +98,9 @@ class RoomAccess(Protocol):
 
 class IngressMember:
     """
-    What a room holds for an ingest participant (signaling's ``Member``): notifications are not for it, and being
-    removed by the room (kicked, room closed) stops the stream.
+    What a room holds for an ingest participant (signaling's ``Member``) — an RTMP/SRT/pull stream, a WHIP
+    session, and a WHEP viewer too: notifications are not for it, and being removed by the room (kicked, room
+    closed) stops the stream or ends the session.
     """
 
     def __init__(self, on_removed: Callable[[str], None]) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from chorus.ingest import EndReason, IngestError, IngestTimeoutError, IngressManager, LiveIngress
+from chorus.ingest import EndReason, IngestError, IngestTimeoutError, IngressManager, IngressMember, LiveIngress
 from chorus.ingest.errors import UnauthorizedError
 from chorus.sfu import (
     ChorusError,
@@ -184,19 +184,6 @@ class HttpSession:
     @property
     def location(self) -> str:
         return f"/{self.kind}/{self.room}/session/{self.id}"
-
-
-class SessionMember:
-    """What the room holds for a WHIP participant or a WHEP viewer: no notifications; removal ends the session."""
-
-    def __init__(self, on_removed: Callable[[str], None]) -> None:
-        self._on_removed = on_removed
-
-    def notify(self, method: str, data: dict[str, Any]) -> None:
-        pass
-
-    def removed(self, reason: str) -> None:
-        self._on_removed(reason)
 
 
 class WebRtcHttp:
@@ -408,7 +395,7 @@ class WebRtcHttp:
                 raise HttpError(code, e.reason, headers={"Retry-After": str(RETRY_AFTER)}) from None
         try:
             room = self.registry.get_or_create(room_id)
-            peer = await room.join(SessionMember(lambda reason: self._removed(session, reason)), new_id("p"), name,
+            peer = await room.join(IngressMember(lambda reason: self._removed(session, reason)), new_id("p"), name,
                                    identity=identity, subscribe=False)
         except ChorusError:
             if live is not None and manager is not None:
@@ -480,7 +467,7 @@ class WebRtcHttp:
             raise HttpError("not_live", f"nothing is live in room {room_id!r}", headers=not_live)
         session = HttpSession(new_id("s"), "whep", room_id, remote, f'"{new_id("e")}"', ice_ufrag(sdp))
         name = grants.name or grants.identity or request.query.get("name", "")[:64] or "viewer"
-        viewer = room.add_viewer(SessionMember(lambda reason: self._removed(session, reason)), new_id("v"), name)
+        viewer = room.add_viewer(IngressMember(lambda reason: self._removed(session, reason)), new_id("v"), name)
         session.viewer = viewer
         try:
             answer = await viewer.watch(sdp, [t.id for t in tracks])
