@@ -50,6 +50,20 @@ def ntp_to_unix(ntp_timestamp: int) -> float:
     return (ntp_timestamp >> 32) - _NTP_EPOCH_OFFSET + (ntp_timestamp & 0xFFFFFFFF) / (1 << 32)
 
 
+def _finalize(container: Any, path: Path, log: PeerLogger, message: str, packets: int) -> None:
+    """Close a recorder's container (index, cues, duration written), if it was ever opened.
+
+    :raises EgressError: ``io_error``, the file could not be finalized.
+    """
+    if container is None:
+        return
+    try:
+        container.close()
+    except (OSError, av.error.FFmpegError) as exc:
+        raise EgressError("io_error", f"cannot finalize {path}: {exc}") from exc
+    log.info(message, packets=packets)
+
+
 class SenderReportClock:
     """
     Maps a track's RTP timestamps to wall-clock time with its latest RTCP sender report (RFC 3550 §6.4.1).
@@ -206,15 +220,9 @@ class TrackRecorder:
 
     def close(self) -> None:
         """Finalize the file (index, cues, duration). Idempotent; a recorder that never started writes nothing."""
-        if self.closed:
-            return
-        self.closed = True
-        if self._container is not None:
-            try:
-                self._container.close()
-            except (OSError, av.error.FFmpegError) as exc:
-                raise EgressError("io_error", f"cannot finalize {self.path}: {exc}") from exc
-            self._log.info("recording finished", packets=self.packets)
+        if not self.closed:
+            self.closed = True
+            _finalize(self._container, self.path, self._log, "recording finished", self.packets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,12 +364,6 @@ class CompositeRecorder:
 
     def close(self) -> None:
         """Finalize the file. Idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        if self._container is not None:
-            try:
-                self._container.close()
-            except (OSError, av.error.FFmpegError) as exc:
-                raise EgressError("io_error", f"cannot finalize {self.path}: {exc}") from exc
-            self._log.info("composite recording finished", packets=self.packets)
+        if not self.closed:
+            self.closed = True
+            _finalize(self._container, self.path, self._log, "composite recording finished", self.packets)
